@@ -1,0 +1,90 @@
+"""Convolution + normalization + activation, 'same' padding, and channel rounding."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.arithmetic import same_padding
+
+ActLayer = Callable[[], nn.Module]
+NormLayer = Callable[[int], nn.Module]
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never going more than 10% below it.
+
+    This is the channel rounding of MobileNet/EfficientNet width multipliers.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvNormAct(nn.Sequential):
+    """``conv -> norm -> act``; the convolution has no bias when a norm follows it.
+
+    ``padding=None`` pads symmetrically by ``dilation * (kernel - 1) // 2`` (PyTorch-style 'same' for
+    odd kernels at stride 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int = 1,
+        padding: int | tuple[int, int] | None = None,
+        *,
+        groups: int = 1,
+        dilation: int = 1,
+        norm: NormLayer | None = nn.BatchNorm2d,
+        act: ActLayer | None = nn.ReLU,
+        bias: bool | None = None,
+    ) -> None:
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        if padding is None:
+            padding = (dilation * (ks[0] - 1) // 2, dilation * (ks[1] - 1) // 2)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["conv"] = nn.Conv2d(
+            in_channels,
+            out_channels,
+            ks,
+            stride,
+            padding,
+            dilation=dilation,
+            groups=groups,
+            bias=(norm is None) if bias is None else bias,
+        )
+        if norm is not None:
+            layers["bn"] = norm(out_channels)
+        if act is not None:
+            layers["act"] = act()
+        super().__init__(layers)
+        self.out_channels = out_channels
+
+
+class Conv2dSame(nn.Conv2d):
+    """A convolution with TensorFlow's 'same' padding: output size ``ceil(n / stride)``.
+
+    For stride > 1 TensorFlow pads asymmetrically (the extra pixel goes bottom/right), which a fixed
+    symmetric ``padding`` cannot express; the padding is computed from the input size at each call.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        top, bottom = same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)

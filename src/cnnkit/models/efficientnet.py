@@ -1,0 +1,183 @@
+"""EfficientNet B0-B7 (Tan & Le 2019): MBConv stages scaled in width, depth and resolution together."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from cnnkit.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
+from cnnkit.layers.conv import NormLayer
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.registry import register_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MBConvStage:
+    kernel: int
+    repeats: int
+    channels: int
+    expand: int
+    stride: int
+
+
+# EfficientNet-B0 (Table 1 of the paper): the base every variant scales.
+EFFICIENTNET_B0 = (
+    MBConvStage(3, 1, 16, 1, 1),
+    MBConvStage(3, 2, 24, 6, 2),
+    MBConvStage(5, 2, 40, 6, 2),
+    MBConvStage(3, 3, 80, 6, 2),
+    MBConvStage(5, 3, 112, 6, 1),
+    MBConvStage(5, 4, 192, 6, 2),
+    MBConvStage(3, 1, 320, 6, 1),
+)
+STEM_CHANNELS = 32
+SE_RATIO = 0.25
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Compound-scaling coefficients of one variant."""
+
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+# The released B0-B7 (not exactly alpha**phi, see REFERENCE.md).
+EFFICIENTNET_SCALING = {
+    "efficientnet_b0": Scaling(1.0, 1.0, 224, 0.2),
+    "efficientnet_b1": Scaling(1.0, 1.1, 240, 0.2),
+    "efficientnet_b2": Scaling(1.1, 1.2, 260, 0.3),
+    "efficientnet_b3": Scaling(1.2, 1.4, 300, 0.3),
+    "efficientnet_b4": Scaling(1.4, 1.8, 380, 0.4),
+    "efficientnet_b5": Scaling(1.6, 2.2, 456, 0.4),
+    "efficientnet_b6": Scaling(1.8, 2.6, 528, 0.5),
+    "efficientnet_b7": Scaling(2.0, 3.1, 600, 0.5),
+}
+# torchvision's B5-B7 weights were ported from TensorFlow with its BatchNorm epsilon; B0-B4 use PyTorch's.
+TF_BN_VARIANTS = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
+
+
+def compound_scaling(
+    phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15, base_resolution: int = 224
+) -> Scaling:
+    """Width ``beta**phi``, depth ``alpha**phi`` and resolution ``gamma**phi * base`` (rounded to 8 px).
+
+    The paper constrains ``alpha * beta**2 * gamma**2 ~= 2`` so that each unit of ``phi`` about doubles
+    the FLOPs. Dropout grows linearly from 0.2 at phi 0 to 0.5 at phi 7, as in the released models.
+    """
+    resolution = int(round(base_resolution * gamma**phi / 8) * 8)
+    dropout = min(0.5, 0.2 + 0.3 * phi / 7)
+    return Scaling(beta**phi, alpha**phi, resolution, round(dropout, 3))
+
+
+class EfficientNet(ConvNet):
+    """3x3/2 stem, MBConv stages (SE ratio 0.25, SiLU, drop-connect), 1x1 conv to 4x the last width."""
+
+    def __init__(
+        self,
+        scaling: Scaling,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float | None = None,
+        drop_path_rate: float = 0.2,
+        norm: NormLayer = nn.BatchNorm2d,
+        table: tuple[MBConvStage, ...] = EFFICIENTNET_B0,
+    ) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.default_imgsz = scaling.resolution
+        in_ch = make_divisible(STEM_CHANNELS * scaling.width)
+        self.stem = ConvNormAct(in_chans, in_ch, 3, 2, norm=norm, act=nn.SiLU)
+        repeats = [int(math.ceil(row.repeats * scaling.depth)) for row in table]
+        total = sum(repeats)
+        stages = []
+        self.feature_info = []
+        reduction, block_id = 2, 0
+        for row, n in zip(table, repeats):
+            out_ch = make_divisible(row.channels * scaling.width)
+            blocks = []
+            for i in range(n):
+                se = partial(_se, squeeze=max(1, int(in_ch * SE_RATIO)))
+                blocks.append(
+                    InvertedResidual(
+                        in_ch,
+                        make_divisible(in_ch * row.expand),
+                        out_ch,
+                        kernel_size=row.kernel,
+                        stride=row.stride if i == 0 else 1,
+                        act=nn.SiLU,
+                        norm=norm,
+                        se=se,
+                        drop_path=drop_path_rate * block_id / total,
+                    )
+                )
+                in_ch = out_ch
+                block_id += 1
+            reduction *= row.stride
+            if row.stride > 1 or not stages:
+                stages.append(nn.Sequential(*blocks))
+                self.feature_info.append(FeatureInfo(out_ch, reduction, f"stages.{len(stages) - 1}"))
+            else:  # a stride-1 row continues the current resolution's stage
+                stages[-1].extend(blocks)
+                self.feature_info[-1] = FeatureInfo(out_ch, reduction, self.feature_info[-1].module)
+        self.stages = nn.Sequential(*stages)
+        self.final = ConvNormAct(in_ch, 4 * in_ch, 1, norm=norm, act=nn.SiLU)
+        dropout = scaling.dropout if drop_rate is None else drop_rate
+        self.head = ClassifierHead(4 * in_ch, num_classes, dropout=dropout)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+
+def _se(channels: int, squeeze: int) -> SqueezeExcite:
+    return SqueezeExcite(channels, squeeze, act=nn.SiLU, gate=nn.Sigmoid)
+
+
+def _make(name: str) -> None:
+    scaling = EFFICIENTNET_SCALING[name]
+    norm: NormLayer = (
+        partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01) if name in TF_BN_VARIANTS else nn.BatchNorm2d
+    )
+
+    @register_model(name)
+    def builder(**kwargs: Any) -> EfficientNet:
+        kwargs.setdefault("norm", norm)
+        return EfficientNet(scaling, **kwargs)
+
+    builder.__doc__ = (
+        f"{name}: width x{scaling.width}, depth x{scaling.depth}, {scaling.resolution} px (Tan & Le 2019)."
+    )
+    builder.__name__ = name
+
+
+for _name in EFFICIENTNET_SCALING:
+    _make(_name)
+
+
+@register_model("efficientnet")
+def efficientnet(
+    *, phi: float = 0.0, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15, **kwargs: Any
+) -> EfficientNet:
+    """EfficientNet scaled from B0 by a custom compound coefficient ``phi`` (``alpha, beta, gamma``)."""
+    scaling = compound_scaling(phi, alpha, beta, gamma)
+    log.info(
+        "efficientnet phi=%s: width x%.3f, depth x%.3f, resolution %d, dropout %.2f",
+        phi, scaling.width, scaling.depth, scaling.resolution, scaling.dropout,
+    )  # fmt: skip
+    return EfficientNet(scaling, **kwargs)

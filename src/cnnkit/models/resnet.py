@@ -1,0 +1,102 @@
+"""ResNet (He et al. 2015): residual blocks with identity and projection shortcuts."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from cnnkit.layers import BasicBlock, Bottleneck, ConvNormAct
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.registry import register_model
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    block: Block
+    repeats: tuple[int, int, int, int]  # blocks per stage; stage widths are 64, 128, 256, 512
+
+
+RESNETS = {
+    "resnet18": ResNetSpec(BasicBlock, (2, 2, 2, 2)),
+    "resnet34": ResNetSpec(BasicBlock, (3, 4, 6, 3)),
+    "resnet50": ResNetSpec(Bottleneck, (3, 4, 6, 3)),
+    "resnet101": ResNetSpec(Bottleneck, (3, 4, 23, 3)),
+    "resnet152": ResNetSpec(Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNet(ConvNet):
+    """7x7/2 conv stem and 3x3/2 max-pool, four stages of residual blocks, global pool and a linear layer.
+
+    The first block of stages 2-4 halves the resolution; its shortcut is a 1x1 projection (``W_s``).
+    """
+
+    def __init__(
+        self,
+        spec: ResNetSpec,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=ConvNormAct(in_chans, 64, 7, 2, 3),
+                pool=nn.MaxPool2d(3, 2, 1),
+            )
+        )
+        total = sum(spec.repeats)
+        block_id = 0
+        in_ch = 64
+        stages: list[nn.Module] = []
+        self.feature_info = []
+        for i, (width, repeats) in enumerate(zip((64, 128, 256, 512), spec.repeats)):
+            blocks = []
+            for j in range(repeats):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(spec.block(in_ch, width, stride, drop_path_rate * block_id / max(total - 1, 1)))
+                in_ch = width * spec.block.expansion
+                block_id += 1
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(FeatureInfo(in_ch, 4 * 2**i, f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.final = nn.Identity()
+        self.head = ClassifierHead(in_ch, num_classes, dropout=drop_rate)
+        _init_weights(self, zero_init_residual)
+
+
+def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
+        for m in model.modules():
+            last = getattr(m, "conv3", None) if isinstance(m, Bottleneck) else getattr(m, "conv2", None)
+            if isinstance(m, BasicBlock | Bottleneck) and last is not None:
+                nn.init.zeros_(last.bn.weight)
+
+
+def _make(name: str) -> None:
+    spec = RESNETS[name]
+
+    @register_model(name)
+    def builder(**kwargs: Any) -> ResNet:
+        return ResNet(spec, **kwargs)
+
+    builder.__doc__ = f"{name}: {spec.block.__name__} blocks {spec.repeats} (He et al. 2015)."
+    builder.__name__ = name
+
+
+for _name in RESNETS:
+    _make(_name)

@@ -1,0 +1,233 @@
+"""Reading, writing and mapping weights: cnnkit safetensors files and torchvision/timm checkpoints.
+
+Nothing here unpickles code: ``.safetensors`` files are plain tensors, and ``.pt``/``.pth`` files are
+read with ``torch.load(..., weights_only=True)``.
+
+A foreign checkpoint of the same architecture is mapped onto cnnkit's modules by position: both
+``state_dict`` s list their tensors in module-registration order, which cnnkit's families keep equal to
+torchvision's, so the i-th tensor of one is the i-th of the other. Every pair is checked by shape.
+Auxiliary-classifier tensors (names containing ``aux``) are paired among themselves, so where the
+side heads are registered does not matter, and they are used only when both sides have them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.errors import WeightsError
+from cnnkit.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+FORMAT_VERSION = "1"
+_AUX = re.compile(r"aux", re.IGNORECASE)
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did: tensors loaded, heads left freshly initialised, conversions."""
+
+    loaded: int = 0
+    skipped_head: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    by_position: bool = False
+
+    def messages(self) -> list[str]:
+        out = [f"loaded {self.loaded} tensors" + (" (matched by position)" if self.by_position else "")]
+        if self.skipped_head:
+            out.append(
+                "classifier weights with another class count were left out and the new head is freshly "
+                f"initialised: {', '.join(self.skipped_head)}"
+            )
+        if self.adapted:
+            out.append(f"adapted to the model's input channels: {', '.join(self.adapted)}")
+        if self.unused:
+            out.append(f"unused tensors in the file: {', '.join(self.unused)}")
+        if self.missing:
+            out.append(f"model tensors not in the file (kept as initialised): {', '.join(self.missing)}")
+        return out
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The cnnkit metadata of a ``.safetensors`` weights file (JSON values decoded); ``{}`` if none."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("cnnkit."):
+            out[key.removeprefix("cnnkit.")] = json.loads(value)
+    return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
+    """Tensors of a weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``), unwrapped.
+
+    Training checkpoints that nest the weights (``{"state_dict": ...}``, ``{"model": ...}``) and
+    DistributedDataParallel's ``module.`` prefix are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"{path}: cannot be read as a plain state dict ({type(exc).__name__}: {str(exc)[:200]}). "
+            "cnnkit never unpickles code; re-save the weights with `torch.save(model.state_dict(), path)`."
+        ) from exc
+    while isinstance(obj, Mapping) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            raise WeightsError(f"{path}: no state dict found (top-level keys: {list(obj)[:10]})")
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+def _is_state_dict(obj: Mapping[str, Any]) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def save_weights(
+    model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the model's weights to a safetensors file, atomically.
+
+    The metadata holds the model name and build arguments (when the model came from ``create_model``)
+    plus ``metadata`` (JSON-serialisable values, e.g. class names), so ``load_model(path)`` can rebuild it.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    meta: dict[str, str] = {"cnnkit.format": json.dumps(FORMAT_VERSION)}
+    config = getattr(model, "cnnkit_config", None)
+    if config is not None:
+        meta["cnnkit.model"] = json.dumps(config["name"])
+        meta["cnnkit.args"] = json.dumps(config["args"])
+    for key, value in (metadata or {}).items():
+        meta[f"cnnkit.{key}"] = json.dumps(value)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def load_weights(
+    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, torch.Tensor], *, strict: bool = True
+) -> LoadReport:
+    """Load a cnnkit, torchvision or timm state dict of the same architecture into ``model``.
+
+    A classifier with another class count is left out and stays freshly initialised; a first
+    convolution with another number of input channels is adapted (summed for 1 channel, repeated and
+    rescaled otherwise). With ``strict`` any other mismatch raises :class:`WeightsError` naming the
+    keys and shapes.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    src = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    target = model.state_dict()
+    head = tuple(getattr(model, "classifier_modules", ()))
+    report = LoadReport()
+    pairs = _pair_keys(target, src, report, name)
+    new_sd: StateDict = {}
+    mismatched = []
+    first_conv = next((k for k, v in target.items() if v.ndim == 4), None)
+    for tkey, skey in pairs:
+        t, s = target[tkey], src[skey]
+        if t.shape == s.shape:
+            new_sd[tkey] = s.to(t.dtype)
+        elif any(tkey.startswith(h + ".") for h in head):
+            report.skipped_head.append(f"{tkey} {list(s.shape)} -> {list(t.shape)}")
+        elif tkey == first_conv and t.ndim == 4 and t.shape[0] == s.shape[0] and t.shape[2:] == s.shape[2:]:
+            new_sd[tkey] = adapt_input_conv(s, t.shape[1]).to(t.dtype)
+            report.adapted.append(f"{tkey} {s.shape[1]} -> {t.shape[1]} channels")
+        else:
+            mismatched.append(f"model {tkey} {list(t.shape)} vs file {skey} {list(s.shape)}")
+    if mismatched and strict:
+        raise WeightsError(
+            f"{name} does not fit this model; {len(mismatched)} shape mismatches:\n  "
+            + "\n  ".join(mismatched[:20])
+        )
+    model.load_state_dict(new_sd, strict=False)
+    report.loaded = len(new_sd)
+    for message in report.messages():
+        log.info("%s: %s", name, message)
+    return report
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a first-conv kernel ``[O, 3, k, k]`` to ``in_chans`` inputs, keeping the response scale."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def _split(keys: list[str]) -> tuple[list[str], list[str]]:
+    keys = [k for k in keys if not k.endswith("num_batches_tracked")]
+    return [k for k in keys if not _AUX.search(k)], [k for k in keys if _AUX.search(k)]
+
+
+def _pair_keys(target: StateDict, src: StateDict, report: LoadReport, name: str) -> list[tuple[str, str]]:
+    """Pair model keys with file keys: by name when the names agree, else by position."""
+    t_main, t_aux = _split(list(target))
+    s_main, s_aux = _split(list(src))
+    by_name = set(t_main) == set(s_main)
+    if by_name:
+        pairs = [(k, k) for k in t_main]
+    elif len(t_main) == len(s_main):
+        pairs = list(zip(t_main, s_main))
+        report.by_position = True
+    else:
+        only_t = [k for k in t_main if k not in src]
+        only_s = [k for k in s_main if k not in target]
+        raise WeightsError(
+            f"{name} does not fit this model: the model has {len(t_main)} weight tensors, the file "
+            f"{len(s_main)}. Missing from the file: {only_t[:8]}; unexpected in the file: {only_s[:8]}"
+        )
+    if not (t_aux and s_aux):  # side heads only on one side: nothing to pair
+        report.unused, report.missing = s_aux, t_aux
+    elif by_name and set(t_aux) == set(s_aux):
+        pairs += [(k, k) for k in t_aux]
+    elif len(t_aux) == len(s_aux):
+        pairs += list(zip(t_aux, s_aux))
+    else:
+        raise WeightsError(
+            f"{name}: the auxiliary classifiers differ ({len(t_aux)} tensors in the model, {len(s_aux)} "
+            "in the file)"
+        )
+    return pairs
