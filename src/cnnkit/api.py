@@ -99,4 +99,3 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
             continue  # e.g. a norm-layer factory: rebuilt from the builder's own default
         out[key] = value
     return out
-

@@ -8,7 +8,7 @@ from cnnkit.layers.blocks import (
     InvertedResidual,
     SqueezeExcite,
 )
-from cnnkit.layers.conv import ConvNormAct, Conv2dSame, make_divisible
+from cnnkit.layers.conv import Conv2dSame, ConvNormAct, make_divisible
 
 __all__ = [
     "BasicBlock",

@@ -122,7 +122,9 @@ class DepthwiseSeparable(nn.Sequential):
     ) -> None:
         super().__init__(
             OrderedDict(
-                depthwise=ConvNormAct(in_channels, in_channels, 3, stride, groups=in_channels, norm=norm, act=act),
+                depthwise=ConvNormAct(
+                    in_channels, in_channels, 3, stride, groups=in_channels, norm=norm, act=act
+                ),
                 pointwise=ConvNormAct(in_channels, out_channels, 1, norm=norm, act=act),
             )
         )

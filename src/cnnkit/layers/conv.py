@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -25,6 +26,15 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
+
+
+def make_act(act: ActLayer) -> nn.Module:
+    """Instantiate an activation in place where it supports it (saves a copy of every feature map)."""
+    try:
+        accepts_inplace = "inplace" in inspect.signature(act).parameters
+    except (TypeError, ValueError):
+        accepts_inplace = False
+    return act(inplace=True) if accepts_inplace else act()  # type: ignore[call-arg]
 
 
 class ConvNormAct(nn.Sequential):
@@ -65,7 +75,7 @@ class ConvNormAct(nn.Sequential):
         if norm is not None:
             layers["bn"] = norm(out_channels)
         if act is not None:
-            layers["act"] = act()
+            layers["act"] = make_act(act)
         super().__init__(layers)
         self.out_channels = out_channels
 

@@ -102,6 +102,14 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits and the logits of auxiliary side classifiers (none for most models).
+
+        Training code calls this to add the side-branch losses; ``forward`` always returns the main
+        logits only.
+        """
+        return self.forward(x), []
+
     @property
     def num_classes(self) -> int:
         return self.head.num_classes

@@ -98,7 +98,7 @@ class EfficientNet(ConvNet):
         self.default_imgsz = scaling.resolution
         in_ch = make_divisible(STEM_CHANNELS * scaling.width)
         self.stem = ConvNormAct(in_chans, in_ch, 3, 2, norm=norm, act=nn.SiLU)
-        repeats = [int(math.ceil(row.repeats * scaling.depth)) for row in table]
+        repeats = [math.ceil(row.repeats * scaling.depth) for row in table]
         total = sum(repeats)
         stages = []
         self.feature_info = []

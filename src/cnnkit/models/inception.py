@@ -167,14 +167,19 @@ class GoogLeNet(AuxConvNet):
         self.stages = nn.Sequential(
             nn.Sequential(OrderedDict(conv1=conv_bn(in_chans, 64, 7, 2, 3))),
             nn.Sequential(OrderedDict(maxpool1=pool(), conv2=conv_bn(64, 64, 1), conv3=conv_bn(64, 192, 3))),
-            nn.Sequential(OrderedDict(maxpool2=pool(), **{k: mods[k] for k in ("inception3a", "inception3b")})),
+            nn.Sequential(
+                OrderedDict(maxpool2=pool(), **{k: mods[k] for k in ("inception3a", "inception3b")})
+            ),
             nn.Sequential(
                 OrderedDict(maxpool3=pool(), **{k: mods[k] for k in mods if k.startswith("inception4")})
             ),
-            nn.Sequential(OrderedDict(maxpool4=pool(2), **{k: mods[k] for k in ("inception5a", "inception5b")})),
+            nn.Sequential(
+                OrderedDict(maxpool4=pool(2), **{k: mods[k] for k in ("inception5a", "inception5b")})
+            ),
         )
         self.feature_info = [
-            FeatureInfo(c, s, f"stages.{i}") for i, (c, s) in enumerate(zip((64, 192, 480, 832, 1024), (2, 4, 8, 16, 32)))
+            FeatureInfo(c, s, f"stages.{i}")
+            for i, (c, s) in enumerate(zip((64, 192, 480, 832, 1024), (2, 4, 8, 16, 32)))
         ]
         self.aux_taps = ((3, "inception4a"), (3, "inception4d"))
         self.aux = nn.ModuleDict()
@@ -342,7 +347,8 @@ class InceptionV3(AuxConvNet):
             ),
         )
         self.feature_info = [
-            FeatureInfo(c, s, f"stages.{i}") for i, (c, s) in enumerate(zip((64, 192, 288, 768, 2048), (2, 4, 8, 16, 32)))
+            FeatureInfo(c, s, f"stages.{i}")
+            for i, (c, s) in enumerate(zip((64, 192, 288, 768, 2048), (2, 4, 8, 16, 32)))
         ]
         self.aux_taps = ((3, "Mixed_6e"),)
         self.aux = nn.ModuleDict()

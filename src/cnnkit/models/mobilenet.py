@@ -206,7 +206,10 @@ class MobileNetV3(ConvNet):
         self.stages = nn.Sequential(*stages)
         self.final = ConvNormAct(in_ch, 6 * in_ch, 1, norm=norm, act=nn.Hardswish)
         self.head = ClassifierHead(
-            6 * in_ch, num_classes, dropout=drop_rate, hidden=(make_divisible(last_channels * width),),
+            6 * in_ch,
+            num_classes,
+            dropout=drop_rate,
+            hidden=(make_divisible(last_channels * width),),
             act=nn.Hardswish,
         )
         _init_weights(self)

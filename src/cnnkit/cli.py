@@ -1,0 +1,85 @@
+"""The ``cnnkit`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cnnkit.errors import CnnkitError
+
+
+def _imgsz(text: str) -> int | tuple[int, int]:
+    """``224`` or ``HxW`` (e.g. ``480x352``)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}") from None
+    if len(sizes) == 1:
+        return sizes[0]
+    if len(sizes) == 2:
+        return sizes[0], sizes[1]
+    raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cnnkit import list_models
+
+    for name in list_models(args.pattern):
+        print(name)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnkit import create_model
+    from cnnkit.summary import summarize
+
+    model = create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes)
+    imgsz = args.imgsz or getattr(model, "default_imgsz", 224)
+    print(summarize(model, imgsz, args.in_chans).table())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cnnkit.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("pattern", nargs="?", help="glob, e.g. 'efficientnet*'")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-layer shapes, receptive fields, parameters and MACs")
+    p.add_argument("model")
+    p.add_argument("--imgsz", type=_imgsz, default=None, help="input size N or HxW (default: the model's)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo", help="run the main job end to end on built-in data")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except CnnkitError as exc:
+        print(f"cnnkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted", file=sys.stderr)
+        return 130

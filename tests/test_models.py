@@ -1,0 +1,233 @@
+"""Every registered model: builds, trains a step, matches the reference parameter counts and, where
+torchvision has the same architecture, gives torchvision's outputs after importing its weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import cnnkit
+from cnnkit.models.efficientnet import compound_scaling
+
+# REFERENCE.md, 1000 classes, with top (trainable parameters where Keras and torchvision differ).
+REFERENCE_PARAMS = {
+    "vgg16": 138_357_544,
+    "vgg16_bn": 138_365_992,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "mobilenet_v1": 4_231_976,
+    "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_large": 5_483_032,
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
+    "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784,
+    "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
+}
+REFERENCE_AUX_PARAMS = {
+    ("googlenet", False): 6_624_904,
+    ("googlenet", True): 13_004_888,
+    ("inception_v3", False): 23_834_568,
+    ("inception_v3", True): 27_161_264,
+}
+TORCHVISION_TWINS = [
+    *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
+    *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    *(f"efficientnet_b{i}" for i in range(8)),
+]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def small_input(name: str, batch: int = 2) -> torch.Tensor:
+    size = 96 if name == "inception_v3" else 64
+    return torch.randn(batch, 3, size, size)
+
+
+@pytest.mark.parametrize("name", cnnkit.list_models())
+def test_every_model_trains_a_step(name: str) -> None:
+    model = cnnkit.create_model(name, num_classes=7)
+    x = small_input(name)
+    out, aux = model.forward_with_aux(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    sum((o.square().mean() for o in [out, *aux]), torch.zeros(())).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # The shared backbone surface.
+    feats = model.forward_features(x)
+    assert model.forward_head(feats).shape == (2, 7)
+    stages = model.forward_stages(x)
+    assert [t.shape[1] for t in stages] == [f.channels for f in model.feature_info]
+    for t, info in zip(stages, model.feature_info):
+        expected = -(-x.shape[-1] // info.stride)
+        if name == "inception_v3":  # valid convolutions lose a few pixels at each stage
+            assert expected // 2 <= t.shape[-1] <= expected, info
+        else:
+            assert t.shape[-1] == expected, info
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_parameter_count_equals_reference(name: str) -> None:
+    assert n_params(cnnkit.create_model(name)) == REFERENCE_PARAMS[name]
+
+
+@pytest.mark.parametrize(("name", "aux"), sorted(REFERENCE_AUX_PARAMS))
+def test_parameter_count_with_and_without_aux_heads(name: str, aux: bool) -> None:
+    assert n_params(cnnkit.create_model(name, aux_logits=aux)) == REFERENCE_AUX_PARAMS[(name, aux)]
+
+
+def _torchvision_model(name: str, **kwargs: object) -> nn.Module:
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"aux_logits": True, "init_weights": False, **kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    # Non-trivial BatchNorm statistics, so a mis-mapped buffer cannot go unnoticed.
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", TORCHVISION_TWINS)
+def test_torchvision_weights_give_torchvision_outputs(name: str, tmp_path: Path) -> None:
+    tv = _torchvision_model(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(tv.state_dict(), path)
+    aux = {"aux_logits": True} if name in ("googlenet", "inception_v3") else {}
+    ours = cnnkit.create_model(name, weights=path, **aux).eval()
+    if name != "mobilenet_v1":
+        assert n_params(ours) == n_params(tv)
+    x = small_input(name)
+    with torch.no_grad():
+        diff = (tv(x) - ours(x)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_googlenet_aux_heads_match_torchvision_in_training(tmp_path: Path) -> None:
+    tv = _torchvision_model("googlenet", dropout=0.0, dropout_aux=0.0).train()
+    torch.save(tv.state_dict(), tmp_path / "g.pth")
+    ours = cnnkit.create_model(
+        "googlenet", weights=tmp_path / "g.pth", drop_rate=0.0, aux_drop_rate=0.0
+    ).train()
+    x = torch.randn(2, 3, 96, 96)
+    expected = tv(x)
+    logits, aux = ours.forward_with_aux(x)
+    assert len(aux) == 2
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(aux[0], expected.aux_logits1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(aux[1], expected.aux_logits2, atol=1e-4, rtol=0)
+    # In eval the side branches are skipped: forward gives the main logits only.
+    assert ours.eval()(x).shape == (2, 1000)
+
+
+def test_transfer_head_with_other_class_count_is_left_fresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tv = _torchvision_model("resnet18")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tv.state_dict().items()}}, tmp_path / "r.pth")
+    with caplog.at_level("INFO"):
+        model = cnnkit.create_model("resnet18", num_classes=5, weights=tmp_path / "r.pth")
+    assert "freshly initialised" in caplog.text and "head.fc.weight" in caplog.text
+    torch.testing.assert_close(model.stem.conv.conv.weight, tv.conv1.weight)
+    assert model.head.fc.weight.shape == (5, 512)
+    report = cnnkit.load_weights(cnnkit.create_model("resnet18", num_classes=5), tmp_path / "r.pth")
+    assert len(report.skipped_head) == 2 and report.by_position
+
+
+def test_mismatched_architecture_names_keys_and_shapes(tmp_path: Path) -> None:
+    torch.save(_torchvision_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(cnnkit.WeightsError, match="tensors"):
+        cnnkit.create_model("resnet50", weights=tmp_path / "r18.pth")
+    torch.save(_torchvision_model("resnet34").state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(cnnkit.WeightsError, match="does not fit"):
+        cnnkit.create_model("mobilenet_v2", weights=tmp_path / "r34.pth")
+
+
+def test_weights_file_that_pickles_code_is_refused(tmp_path: Path) -> None:
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a whole pickled module, not a state dict
+    with pytest.raises(cnnkit.WeightsError, match="never unpickles"):
+        cnnkit.create_model("resnet18", weights=tmp_path / "module.pt")
+    with pytest.raises(cnnkit.WeightsError, match="not found"):
+        cnnkit.create_model("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_save_weights_round_trip_rebuilds_from_metadata(tmp_path: Path) -> None:
+    model = cnnkit.create_model("mobilenet_v2", num_classes=3, width=0.5, in_chans=1).eval()
+    path = cnnkit.save_weights(model, tmp_path / "m.safetensors", metadata={"class_names": ["a", "b", "c"]})
+    again = cnnkit.load_model(path).eval()
+    assert again.cnnkit_config == model.cnnkit_config
+    x = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+    assert cnnkit.weights.read_metadata(path)["class_names"] == ["a", "b", "c"]
+    # Transfer: same file, new class count.
+    assert cnnkit.create_model(weights=path, num_classes=10).num_classes == 10
+
+
+def test_pretrained_first_conv_adapts_to_grayscale(tmp_path: Path) -> None:
+    tv = _torchvision_model("resnet18")
+    torch.save(tv.state_dict(), tmp_path / "r.pth")
+    gray = cnnkit.create_model("resnet18", in_chans=1, weights=tmp_path / "r.pth").eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x), tv(x.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)
+
+
+def test_features_only_returns_each_stage() -> None:
+    backbone = cnnkit.create_model("resnet18", features_only=True, out_indices=(1, 2, 3))
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1:] for f in feats] == [(128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    assert [i.stride for i in backbone.feature_info] == [8, 16, 32]
+    pooled = cnnkit.create_model("efficientnet_b0", num_classes=0)
+    assert pooled(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
+
+
+def test_reset_classifier_and_aux_heads() -> None:
+    model = cnnkit.create_model("googlenet")
+    model.reset_classifier(4)
+    logits, aux = model.train().forward_with_aux(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 4) and [a.shape for a in aux] == [(2, 4), (2, 4)]
+    model.reset_classifier(0)
+    assert len(model.aux) == 0 and model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1024)
+
+
+def test_registry_errors() -> None:
+    with pytest.raises(cnnkit.CnnkitError, match="did you mean resnet50"):
+        cnnkit.create_model("resnet5O")
+    with pytest.raises(cnnkit.CnnkitError, match="already registered"):
+        cnnkit.registry.register_model("resnet18")(lambda: nn.Identity())
+    with pytest.raises(cnnkit.CnnkitError, match="unexpected keyword"):
+        cnnkit.create_model("resnet18", widht=2)
+    assert cnnkit.list_models("efficientnet_b*") == [f"efficientnet_b{i}" for i in range(8)]
+
+
+def test_custom_compound_scaling_reports_its_choice() -> None:
+    s = compound_scaling(1.0)
+    assert (round(s.width, 3), round(s.depth, 3), s.resolution) == (1.1, 1.2, 256)
+    assert 1.9 < 1.2 * 1.1**2 * 1.15**2 < 2.0
+    model = cnnkit.create_model("efficientnet", phi=1.0, num_classes=3)
+    assert model.scaling == s and model.default_imgsz == 256
+    b0 = cnnkit.create_model("efficientnet", phi=0.0)
+    assert n_params(b0) == REFERENCE_PARAMS["efficientnet_b0"]
