@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imgsz", type=int, default=224)
     parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args(argv)
-    print(header("torchvision models", batch=args.batch, input=f"{args.imgsz}x{args.imgsz}", mode="eval fp32"))
+    print(
+        header("torchvision models", batch=args.batch, input=f"{args.imgsz}x{args.imgsz}", mode="eval fp32")
+    )
     x = torch.randn(args.batch, 3, args.imgsz, args.imgsz)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

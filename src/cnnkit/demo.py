@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from cnnkit.api import create_model
 from cnnkit.summary import summarize
 
-DEMO_ZOO = ("vgg16", "resnet50", "googlenet", "inception_v3", "mobilenet_v1", "mobilenet_v2", "efficientnet_b0")
+DEMO_ZOO = (
+    "vgg16",
+    "resnet50",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "efficientnet_b0",
+)
 
 
 def zoo_table(names: Sequence[str] = DEMO_ZOO) -> str:
