@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job end to end on built-in data")
     p.set_defaults(func=cmd_demo)
+
+    from cnnkit.cli_tasks import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ Block = type[BasicBlock] | type[Bottleneck]
 @dataclass(frozen=True)
 class ResNetSpec:
     block: Block
-    repeats: tuple[int, int, int, int]  # blocks per stage; stage widths are 64, 128, 256, 512
+    repeats: tuple[int, int, int, int]  # blocks per stage; stage widths are 64, 128, 256, 512 x width
 
 
 RESNETS = {
@@ -45,25 +45,29 @@ class ResNet(ConvNet):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         zero_init_residual: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
+        widths = [max(int(c * width), 1) for c in (64, 128, 256, 512)]
         self.stem = nn.Sequential(
             OrderedDict(
-                conv=ConvNormAct(in_chans, 64, 7, 2, 3),
+                conv=ConvNormAct(in_chans, widths[0], 7, 2, 3),
                 pool=nn.MaxPool2d(3, 2, 1),
             )
         )
         total = sum(spec.repeats)
         block_id = 0
-        in_ch = 64
+        in_ch = widths[0]
         stages: list[nn.Module] = []
         self.feature_info = []
-        for i, (width, repeats) in enumerate(zip((64, 128, 256, 512), spec.repeats)):
+        for i, (channels, repeats) in enumerate(zip(widths, spec.repeats)):
             blocks = []
             for j in range(repeats):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(spec.block(in_ch, width, stride, drop_path_rate * block_id / max(total - 1, 1)))
-                in_ch = width * spec.block.expansion
+                blocks.append(
+                    spec.block(in_ch, channels, stride, drop_path_rate * block_id / max(total - 1, 1))
+                )
+                in_ch = channels * spec.block.expansion
                 block_id += 1
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(in_ch, 4 * 2**i, f"stages.{i}"))

@@ -1,0 +1,187 @@
+"""``cnnkit train|val|predict TASK`` and ``cnnkit data``: argument parsing only; the work is in workflows/."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from cnnkit.engine.config import TrainConfig, config_from_dict, load_yaml
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Engine options shared by every task's ``train`` (defaults from :class:`TrainConfig`)."""
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--config", help="YAML file of training options (command-line flags override it)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch", type=int, help=f"per-process batch size (default {d.batch})")
+    g.add_argument("--imgsz", type=int, help=f"input size (default {d.imgsz})")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0 turns clipping off)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int)
+    g.add_argument("--patience", type=int, help="early stopping after N epochs without improvement")
+    g.add_argument("--save-period", type=int)
+    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--project", default="runs", help="root of run directories (default runs/)")
+    g.add_argument("--name", default="exp", help="run name (runs/TASK/NAME, numbered if it exists)")
+    g.add_argument("--resume", help="a run directory or its weights/last.pt to continue")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    return config_from_dict(TrainConfig, values, args.config or "options")
+
+
+def cmd_train_classify(args: argparse.Namespace) -> int:
+    from cnnkit.data.transforms import AugmentConfig
+    from cnnkit.workflows import classify
+
+    if args.resume:
+        result = classify.train(args.data or ".", resume=args.resume)
+    else:
+        if not args.data:
+            raise SystemExit("cnnkit train classify: --data is required (or --resume)")
+        augment = AugmentConfig(hflip=args.fliplr, crop_fraction=args.crop_fraction)
+        transfer = classify.TransferConfig(
+            freeze=args.freeze,
+            unfreeze_last=args.unfreeze_last,
+            trainable=tuple(args.trainable),
+            fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_lr_factor=args.fine_tune_lr_factor,
+        )
+        result = classify.train(
+            args.data,
+            model=args.model,
+            val=args.val,
+            val_fraction=args.val_fraction,
+            pretrained=args.pretrained,
+            transfer=transfer,
+            cfg=train_config(args),
+            augment=augment,
+            label_smoothing=args.label_smoothing,
+            model_args=json.loads(args.model_args) if args.model_args else None,
+            project=args.project,
+            name=args.name,
+        )
+    print(f"best {result.best}  (epoch {result.best_epoch}, top1 {result.best_fitness:.4f})")
+    print(f"results in {result.run_dir}")
+    return 0
+
+
+def cmd_val_classify(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import classify
+
+    metrics, evaluator = classify.val(
+        args.weights, args.data, batch=args.batch, imgsz=args.imgsz, device=args.device
+    )
+    if args.json:
+        print(
+            json.dumps({"metrics": metrics, "per_class": evaluator.per_class(_names(args.weights))}, indent=2)
+        )
+    else:
+        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        for row in evaluator.per_class(_names(args.weights)):
+            print(f"  {row['class']:<20} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                  f"n {row['support']}")  # fmt: skip
+    return 0
+
+
+def _names(weights: str) -> list[str] | None:
+    from cnnkit.weights import read_metadata
+
+    return read_metadata(weights).get("class_names")
+
+
+def cmd_predict_classify(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import classify
+
+    preds = classify.predict(args.weights, args.sources, topk=args.topk, device=args.device)
+    if args.json:
+        print(classify.predictions_to_json(preds))
+        return 0
+    for p in preds:
+        print(f"{p.path}: " + ", ".join(f"{c} {v:.3f}" for c, v in p.topk), flush=True)
+    return 0
+
+
+def cmd_data_builtin(args: argparse.Namespace) -> int:
+    from cnnkit.data import builtin
+
+    out = builtin.write_classification(args.out, seed=args.seed, limit=args.limit)
+    print(f"wrote {args.task} data to {out}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``train``, ``val``, ``predict`` and ``data`` on the top-level subparsers."""
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
+    p = train.add_parser("classify", help="image classification (class folders or a path,label CSV)")
+    p.add_argument(
+        "--data", help="dataset root (train/ and val/ class folders), a class-folder root, or a CSV"
+    )
+    p.add_argument("--val", help="explicit validation folder or CSV")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="seeded split when there is no val set")
+    p.add_argument("--model", default="resnet18", help="a registered model name (cnnkit models)")
+    p.add_argument("--model-args", help="JSON of builder arguments, e.g. '{\"width\": 0.5}'")
+    p.add_argument("--pretrained", help="cnnkit/torchvision/timm weights, or 'torchvision' to download")
+    p.add_argument("--freeze", action="store_true", help="freeze the base (BatchNorm in inference mode)")
+    p.add_argument("--unfreeze-last", type=int, default=0, help="base blocks (from the end) to train too")
+    p.add_argument("--trainable", nargs="*", default=[], help="base layers to train by name (e.g. stages.3)")
+    p.add_argument("--fine-tune-epochs", type=int, default=0, help="stage 2 after the frozen stage 1")
+    p.add_argument("--fine-tune-lr-factor", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--fliplr", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument(
+        "--crop-fraction", type=float, default=0.875, help="eval: centre crop of the resized image"
+    )
+    add_train_options(p)
+    p.set_defaults(func=cmd_train_classify)
+
+    val = sub.add_parser("val", help="evaluate trained weights").add_subparsers(dest="task", required=True)
+    p = val.add_parser("classify")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True, help="class folders, a dataset root (its val split) or a CSV")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_val_classify)
+
+    predict = sub.add_parser("predict", help="run trained weights on images").add_subparsers(
+        dest="task", required=True
+    )
+    p = predict.add_parser("classify")
+    p.add_argument("--weights", required=True)
+    p.add_argument("sources", nargs="+", help="image files, folders or globs")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict_classify)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
+    p.add_argument("name", choices=["digits"])
+    p.add_argument("--task", choices=["classify"], default="classify")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N digits")
+    p.set_defaults(func=cmd_data_builtin)

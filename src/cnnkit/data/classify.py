@@ -1,0 +1,187 @@
+"""Classification datasets: a folder per class (ImageFolder layout) or a CSV of ``path,label``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from cnnkit.data.images import is_image, read_image, verify_image
+from cnnkit.errors import DataError
+
+log = logging.getLogger(__name__)
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Skipped:
+    """Files left out of a dataset, with the reason for each."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.items.append((str(path), reason))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def report(self) -> str:
+        return "\n".join(f"{p}: {r}" for p, r in self.items)
+
+
+def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``root/<class>/**/<image>`` -> ``(samples, class_names)``, classes sorted by folder name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected one folder per class)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class folders found (expected {root}/<class name>/<images>)")
+    samples = []
+    for idx, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            samples += [(Path(dirpath) / f, idx) for f in sorted(files) if is_image(f)]
+    return samples, classes
+
+
+def read_label_csv(
+    path: str | os.PathLike[str], class_names: Sequence[str] | None = None
+) -> tuple[list[tuple[Path, int]], list[str]]:
+    """A ``path,label`` CSV (a header row is detected and skipped); image paths are relative to the CSV.
+
+    Labels may be class names or integer indices. A malformed row raises :class:`DataError` with its
+    line number.
+    """
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    start = 1 if rows and rows[0] and not is_image(rows[0][0]) else 0
+    entries = []
+    for lineno, row in enumerate(rows[start:], start=start + 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
+        entries.append((lineno, row[0].strip(), row[1].strip()))
+    labels = [lab for _, _, lab in entries]
+    numeric = all(lab.lstrip("-").isdigit() for lab in labels)
+    if class_names is None:
+        class_names = (
+            [str(i) for i in range(max(int(lab) for lab in labels) + 1)]
+            if numeric and labels
+            else sorted(set(labels))
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    samples = []
+    for lineno, rel, lab in entries:
+        if lab in index:
+            label = index[lab]
+        elif numeric and 0 <= int(lab) < len(class_names):
+            label = int(lab)
+        else:
+            raise DataError(f"{path}:{lineno}: unknown label {lab!r} (classes: {list(class_names)[:20]})")
+        samples.append(((path.parent / rel), label))
+    return samples, list(class_names)
+
+
+class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Images and class indices; unreadable images are skipped and listed in ``skipped``.
+
+    Every file's header is checked when the dataset is built; an image that still fails to decode
+    later is logged and replaced by the next readable one, so an epoch never stops on a bad file.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        class_names: Sequence[str],
+        transform: Transform | None = None,
+        *,
+        source: str = "dataset",
+        verify: bool = True,
+    ) -> None:
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.skipped = Skipped()
+        good = []
+        for path, label in samples:
+            reason = verify_image(path) if verify else None
+            if reason is None:
+                good.append((path, label))
+            else:
+                self.skipped.add(path, reason)
+        if self.skipped:
+            log.warning(
+                "%s: skipped %d unreadable images:\n%s", source, len(self.skipped), self.skipped.report()
+            )
+        if not good:
+            raise DataError(
+                f"{source}: no readable image ({len(samples)} files, {len(self.skipped)} unreadable)"
+            )
+        self.samples = good
+        self.targets = [label for _, label in good]
+
+    @classmethod
+    def from_folder(
+        cls,
+        root: str | os.PathLike[str],
+        transform: Transform | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> ClassificationDataset:
+        samples, found = scan_image_folder(root)
+        if class_names is not None and list(class_names) != found:
+            mapping = {name: i for i, name in enumerate(class_names)}
+            unknown = sorted(set(found) - set(mapping))
+            if unknown:
+                raise DataError(
+                    f"{root}: class folders {unknown} are not among the classes {list(class_names)}"
+                )
+            samples = [(p, mapping[found[label]]) for p, label in samples]
+            found = list(class_names)
+        return cls(samples, found, transform, source=str(root))
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | os.PathLike[str],
+        transform: Transform | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> ClassificationDataset:
+        samples, names = read_label_csv(path, class_names)
+        return cls(samples, names, transform, source=str(path))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """The decoded image ``[3, H, W] uint8`` and label of ``index``, without transforms."""
+        path, label = self.samples[index]
+        return read_image(path), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                img, label = self.load(i)
+            except DataError as exc:
+                log.warning("skipping unreadable image: %s", exc)
+                continue
+            return (self.transform(img) if self.transform else img), label
+        raise DataError("no image of the dataset could be decoded")
+
+
+def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/val split of ``range(n)``, stratification left to the caller."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(n * val_fraction))
+    return order[n_val:], order[:n_val]

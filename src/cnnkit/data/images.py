@@ -1,0 +1,82 @@
+"""Decoding images from disk into RGB ``uint8`` tensors ``[3, H, W]``.
+
+JPEG, PNG and WebP go through ``torchvision.io`` (libjpeg-turbo/libpng, EXIF orientation applied);
+anything else (BMP, TIFF, GIF...) and anything torchvision cannot read goes through Pillow. Grayscale,
+RGBA, palette and 16-bit images all come out as 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnnkit.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_FAST = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def is_image(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode ``path`` to an RGB ``uint8`` tensor ``[3, H, W]``; raise :class:`DataError` naming it."""
+    path = Path(path)
+    if path.suffix.lower() in _FAST:
+        try:
+            return _read_torchvision(path)
+        except (RuntimeError, ValueError):
+            pass  # unusual variants (CMYK JPEG, 16-bit PNG with alpha...): let Pillow try
+    return _read_pillow(path)
+
+
+def _read_torchvision(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    data = read_file(str(path))
+    img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if img.dtype == torch.uint16:  # 16-bit PNG
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
+
+
+def _read_pillow(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            arr = _to_rgb_array(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def verify_image(path: str | os.PathLike[str]) -> str | None:
+    """A cheap integrity check (header and structure, no full decode): the reason it fails, or None."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"cannot decode image ({exc})"
+    return None

@@ -1,0 +1,157 @@
+"""Callbacks of the fit loop: CSV log, checkpoints, early stopping, plots. They see a small state."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.io import atomic_path
+from cnnkit.weights import save_weights
+
+log = logging.getLogger("cnnkit")
+
+
+@dataclass
+class FitState:
+    """What callbacks may read (and, for ``stop``, write) during a fit."""
+
+    run_dir: Path
+    epochs: int
+    fitness_key: str
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_fitness: float = -math.inf
+    best_epoch: int = 0
+    improved: bool = False
+    stop: bool = False
+    stop_reason: str = ""
+    #: The model to evaluate and save (the EMA when enabled).
+    eval_model: nn.Module | None = None
+    #: Builds the full resumable training state (model, optimizer, counters...).
+    training_state: Callable[[], dict[str, Any]] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_dir / "weights"
+
+
+class Callback:
+    def on_fit_start(self, state: FitState) -> None:
+        pass
+
+    def on_epoch_end(self, state: FitState) -> None:
+        pass
+
+    def on_fit_end(self, state: FitState) -> None:
+        pass
+
+
+class CSVLogger(Callback):
+    """``results.csv``: one row per epoch. On resume, rows after the checkpoint's epoch are dropped."""
+
+    def __init__(self, filename: str = "results.csv") -> None:
+        self.filename = filename
+
+    def on_fit_start(self, state: FitState) -> None:
+        self._write(state)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self._write(state)
+
+    def _write(self, state: FitState) -> None:
+        rows = state.history[: state.epoch]
+        if not rows:
+            return
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        with atomic_path(state.run_dir / self.filename) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class Checkpoint(Callback):
+    """``weights/last.pt`` (resumable state) every ``period`` epochs and at the end, ``last.safetensors``
+    and ``best.safetensors`` (weights of the evaluated model, with metadata). All writes are atomic."""
+
+    def __init__(self, period: int = 1) -> None:
+        self.period = max(period, 1)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        final = state.epoch >= state.epochs or state.stop
+        if state.epoch % self.period == 0 or final:
+            self.save_last(state)
+        if state.improved and state.eval_model is not None:
+            meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
+            save_weights(state.eval_model, state.weights_dir / "best.safetensors", metadata=meta)
+
+    @staticmethod
+    def save_last(state: FitState) -> None:
+        assert state.training_state is not None and state.eval_model is not None
+        with atomic_path(state.weights_dir / "last.pt") as tmp:
+            torch.save(state.training_state(), tmp)
+        meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
+        save_weights(state.eval_model, state.weights_dir / "last.safetensors", metadata=meta)
+
+
+class EarlyStopping(Callback):
+    """Stop when the fitness metric has not improved for ``patience`` epochs."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.epoch - state.best_epoch >= self.patience:
+            state.stop = True
+            state.stop_reason = (
+                f"early stopping: {state.fitness_key} has not improved for {self.patience} epochs "
+                f"(best {state.best_fitness:.4f} at epoch {state.best_epoch})"
+            )
+
+
+class Plotter(Callback):
+    """``results.png``: loss and metric curves, redrawn at the end of the fit."""
+
+    def on_fit_end(self, state: FitState) -> None:
+        if state.history:
+            plot_history(state.history, state.run_dir / "results.png")
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[0] if k != "epoch" and isinstance(history[0][k], int | float)]
+    losses = [k for k in keys if "loss" in k]
+    others = [k for k in keys if k not in losses and k != "lr"]
+    panels = [losses] + [[k] for k in others]
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    for ax, panel in zip(axes.flat, panels):
+        for k in panel:
+            ax.plot(epochs, [row.get(k, float("nan")) for row in history], marker=".", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(", ".join(panel) if len(panel) == 1 else "loss")
+        ax.grid(alpha=0.3)
+        if len(panel) > 1:
+            ax.legend()
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

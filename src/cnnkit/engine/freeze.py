@@ -1,0 +1,120 @@
+"""Freezing part of a network for transfer learning, with BatchNorm kept in inference mode.
+
+A frozen BatchNorm must not update its running statistics, and must keep using them even after
+``model.train()``; otherwise a small new dataset silently rewrites what the base learned. cnnkit swaps
+each frozen ``BatchNorm2d`` for a :class:`FrozenBatchNorm2d`, which always normalises with its running
+statistics, whatever the training mode. (Keras gets the same effect by calling the base with
+``training=False``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cnnkit.errors import CnnkitError
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d that always uses its running statistics; its affine parameters may still train."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+        frozen = cls(bn.num_features, bn.eps)
+        with torch.no_grad():
+            if bn.affine:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            if bn.running_mean is not None and bn.running_var is not None:
+                frozen.running_mean.copy_(bn.running_mean)
+                frozen.running_var.copy_(bn.running_var)
+        return frozen.to(bn.weight.device if bn.affine else bn.running_mean.device)  # type: ignore[union-attr]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d; returns how many."""
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d.from_batchnorm(child))
+            count += 1
+        else:
+            count += freeze_batchnorm(child)
+    return count
+
+
+def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The base network as an ordered list of named blocks (stem, each block of each stage, final).
+
+    ``--unfreeze-last N`` counts from the end of this list; the head is never part of it.
+    """
+    stages = getattr(model, "stages", None)
+    if stages is None:
+        raise CnnkitError(f"{type(model).__name__} has no stages; freeze it by module names instead")
+    blocks: list[tuple[str, nn.Module]] = [("stem", model.stem)]
+    for i, stage in enumerate(stages):
+        children = list(stage.named_children())
+        blocks += [(f"stages.{i}.{n}", m) for n, m in children] if children else [(f"stages.{i}", stage)]
+    blocks.append(("final", model.final))
+    return [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
+
+
+def freeze_base(
+    model: nn.Module, unfreeze_last: int = 0, trainable: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Freeze the base network except its last ``unfreeze_last`` blocks and the modules in ``trainable``.
+
+    The classifier head (``head``, ``aux``) always stays trainable. Frozen blocks get their BatchNorms
+    frozen (inference mode, no statistics updates) and ``requires_grad=False``; since the frozen blocks
+    form a prefix of the network, autograd builds no graph through them.
+
+    Returns:
+        ``(frozen block names, trainable block names)``.
+    """
+    blocks = backbone_blocks(model)
+    if not 0 <= unfreeze_last <= len(blocks):
+        raise CnnkitError(
+            f"unfreeze_last must be between 0 and {len(blocks)} (the base has {len(blocks)} blocks)"
+        )
+    names = [n for n, _ in blocks]
+    unknown = [
+        t for t in trainable if not any(n == t or n.startswith(t + ".") or t.startswith(n) for n in names)
+    ]
+    if unknown:
+        raise CnnkitError(f"unknown layer names {unknown}; the base's blocks are {names}")
+    cut = len(blocks) - unfreeze_last
+    frozen, kept = [], []
+    for i, (name, block) in enumerate(blocks):
+        keep = i >= cut or any(name == t or name.startswith(t + ".") for t in trainable)
+        # Every BatchNorm of the base stays in inference mode, as in the Keras fine-tuning recipe.
+        freeze_batchnorm(block)
+        for p in block.parameters():
+            p.requires_grad_(keep)
+        (kept if keep else frozen).append(name)
+    return frozen, kept
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, frozen)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen

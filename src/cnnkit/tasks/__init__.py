@@ -1,0 +1,1 @@
+"""Tasks: what makes classification, detection, segmentation... a task (loss, postprocess, metrics)."""

@@ -1,0 +1,41 @@
+"""What the engine needs from a task: a training forward, a loss, and an evaluator with metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+Batch = Any
+Logs = dict[str, float]
+
+
+class Evaluator(Protocol):
+    """Accumulates predictions over a validation pass, then computes the metrics."""
+
+    def update(self, outputs: Any, batch: Batch) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to sum across processes before ``compute`` (distributed evaluation)."""
+        ...
+
+
+class Task(Protocol):
+    """A task plugs into the engine; the engine knows nothing else about it."""
+
+    name: str
+    #: The metric that decides the best checkpoint (higher is better).
+    fitness: str
+
+    def training_module(self, model: nn.Module) -> nn.Module:
+        """The module whose ``forward(inputs)`` gives what :meth:`loss` needs (may be the model itself)."""
+        ...
+
+    def inputs(self, batch: Batch) -> torch.Tensor: ...
+
+    def loss(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, Logs]: ...
+
+    def evaluator(self) -> Evaluator: ...

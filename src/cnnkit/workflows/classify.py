@@ -1,0 +1,360 @@
+"""Classification verbs: ``train``, ``val``, ``predict``, with the transfer-learning recipe built in."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.api import create_model
+from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
+from cnnkit.data.images import is_image, read_image
+from cnnkit.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    classify_eval_transform,
+    classify_train_transform,
+)
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.device import amp_dtype, autocast, select_device
+from cnnkit.engine.freeze import count_parameters, freeze_base
+from cnnkit.engine.trainer import FitResult, evaluate, fit, load_training_state, make_loader, new_run_dir
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
+from cnnkit.weights import read_metadata
+
+log = logging.getLogger("cnnkit")
+
+VAL_DIR_NAMES = ("val", "valid", "validation", "test")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The transfer-learning recipe: train the new head on a frozen base, then fine-tune the last blocks.
+
+    ``freeze``: stage 1 trains only the head (plus ``trainable`` layers; with no ``fine_tune_epochs``,
+    also the last ``unfreeze_last`` blocks). ``fine_tune_epochs`` > 0 adds stage 2: the last
+    ``unfreeze_last`` blocks train too, at ``fine_tune_lr_factor`` x the learning rate. BatchNorm of the
+    base stays in inference mode throughout.
+    """
+
+    freeze: bool = False
+    unfreeze_last: int = 0
+    trainable: tuple[str, ...] = ()
+    fine_tune_epochs: int = 0
+    fine_tune_lr_factor: float = 0.1
+
+
+def resolve_splits(
+    data: str | os.PathLike[str], val: str | os.PathLike[str] | None, val_fraction: float, seed: int
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:
+    """Train and val samples and the class names, from one of the layouts people publish:
+
+    ``data/{train,val|valid|test}/<class>/*`` ; ``data/<class>/*`` (split by ``val_fraction``, seeded);
+    a ``path,label`` CSV; or explicit ``data`` and ``val`` folders/CSVs.
+    """
+    data = Path(data)
+
+    def read(source: Path, names: Sequence[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+        if source.is_file():
+            return read_label_csv(source, names)
+        samples, found = scan_image_folder(source)
+        if names is None or found == list(names):
+            return samples, found
+        index = {n: i for i, n in enumerate(names)}
+        missing = [n for n in found if n not in index]
+        if missing:
+            raise DataError(
+                f"{source}: class folders {missing} are not in the training classes {list(names)}"
+            )
+        return [(p, index[found[c]]) for p, c in samples], list(names)
+
+    if not data.exists():
+        raise DataError(f"{data}: no such file or directory")
+    if val is not None:
+        train, names = read(data)
+        val_samples, _ = read(Path(val), names)
+        return train, val_samples, names
+    if data.is_dir() and (data / "train").is_dir():
+        train, names = read(data / "train")
+        for vname in VAL_DIR_NAMES:
+            if (data / vname).is_dir():
+                val_samples, _ = read(data / vname, names)
+                return train, val_samples, names
+        data_samples, names = train, names
+    else:
+        data_samples, names = read(data)
+    train_idx, val_idx = split_dataset(len(data_samples), val_fraction, seed)
+    return [data_samples[i] for i in train_idx], [data_samples[i] for i in val_idx], names
+
+
+def train(
+    data: str | os.PathLike[str],
+    *,
+    model: str | None = "resnet18",
+    val: str | os.PathLike[str] | None = None,
+    val_fraction: float = 0.2,
+    pretrained: str | os.PathLike[str] | None = None,
+    transfer: TransferConfig = TransferConfig(),
+    cfg: TrainConfig | None = None,
+    augment: AugmentConfig = AugmentConfig(),
+    label_smoothing: float = 0.0,
+    model_args: dict[str, Any] | None = None,
+    project: str | os.PathLike[str] = "runs",
+    name: str = "exp",
+    resume: str | os.PathLike[str] | None = None,
+) -> FitResult:
+    """Train a classifier on a class-folder or CSV dataset; returns the run's result (weights, metrics).
+
+    ``pretrained`` takes cnnkit, torchvision or timm weights: the old top is dropped and a new head is
+    built for the dataset's classes. ``resume`` (a run directory or its ``weights/last.pt``) continues a
+    stopped run with its saved configuration.
+    """
+    if resume is not None:
+        return _resume(resume)
+    cfg = cfg or TrainConfig()
+    train_samples, val_samples, class_names = resolve_splits(data, val, val_fraction, cfg.seed)
+    train_set = ClassificationDataset(
+        train_samples, class_names, classify_train_transform(cfg.imgsz, augment), source=f"{data} (train)"
+    )
+    val_set = ClassificationDataset(
+        val_samples,
+        class_names,
+        classify_eval_transform(cfg.imgsz, augment.crop_fraction),
+        source=f"{data} (val)",
+    )
+    args = dict(model_args or {})
+    net = create_model(model, num_classes=len(class_names), weights=pretrained, **args)
+    run_dir = new_run_dir(project, "classify", name)
+    skipped = [*train_set.skipped.items, *val_set.skipped.items]
+    if skipped:
+        (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in skipped))
+        log.warning("%d unreadable images skipped; listed in %s", len(skipped), run_dir / "skipped.txt")
+    meta = {
+        "task": "classify",
+        "class_names": class_names,
+        "imgsz": cfg.imgsz,
+        "crop_fraction": augment.crop_fraction,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "data": str(data),
+        "val": None if val is None else str(val),
+        "val_fraction": val_fraction,
+        "augment": dataclasses.asdict(augment),
+        "label_smoothing": label_smoothing,
+        "transfer": dataclasses.asdict(transfer),
+        "pretrained": None if pretrained is None else str(pretrained),
+        "model_config": net.cnnkit_config,
+        "train_config": cfg.to_dict(),
+        "stage": 1,
+    }
+    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer)
+
+
+def _fit_stages(
+    net: nn.Module,
+    train_set: ClassificationDataset,
+    val_set: ClassificationDataset,
+    cfg: TrainConfig,
+    run_dir: Path,
+    meta: dict[str, Any],
+    transfer: TransferConfig,
+    *,
+    start_stage: int = 1,
+    resume: Path | None = None,
+) -> FitResult:
+    """Stage 1 (head, or the whole net without ``freeze``), then stage 2 (fine-tuning) when asked for."""
+    task = ClassificationTask(len(train_set.class_names), float(meta["label_smoothing"]))
+    two_stage = transfer.freeze and transfer.fine_tune_epochs > 0
+    if start_stage == 1:
+        if transfer.freeze:
+            frozen, kept = freeze_base(net, 0 if two_stage else transfer.unfreeze_last, transfer.trainable)
+            trainable, n_frozen = count_parameters(net)
+            log.info(
+                "stage 1: base frozen (%d blocks, BatchNorm in inference mode), training %s; "
+                "%s trainable, %s frozen parameters",
+                len(frozen), ["head", *kept], f"{trainable:,}", f"{n_frozen:,}",
+            )  # fmt: skip
+        result = fit(task, net, train_set, val_set, cfg, run_dir, resume=resume, metadata=meta)
+        if not two_stage:
+            return result
+        resume = None
+    freeze_base(net, transfer.unfreeze_last, transfer.trainable)
+    trainable, n_frozen = count_parameters(net)
+    log.info(
+        "stage 2: fine-tuning the last %d blocks at %gx the learning rate; %s trainable, %s frozen",
+        transfer.unfreeze_last, transfer.fine_tune_lr_factor, f"{trainable:,}", f"{n_frozen:,}",
+    )  # fmt: skip
+    stage2 = cfg.replace(epochs=transfer.fine_tune_epochs, lr=cfg.lr * transfer.fine_tune_lr_factor)
+    return fit(
+        task,
+        net,
+        train_set,
+        val_set,
+        stage2,
+        run_dir / "finetune",
+        resume=resume,
+        metadata={**meta, "stage": 2},
+    )
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _resume(resume: str | os.PathLike[str]) -> FitResult:
+    """Rebuild a run from its ``last.pt`` (model, data, configuration) and continue it."""
+    path = Path(resume)
+    last = path / "weights" / "last.pt" if path.is_dir() else path
+    meta = load_training_state(last)["metadata"]
+    stage = int(meta["stage"])
+    run_dir = last.parent.parent if stage == 1 else last.parent.parent.parent
+    cfg = TrainConfig(**meta["train_config"])
+    augment = AugmentConfig(**_tuples(meta["augment"]))
+    train_samples, val_samples, class_names = resolve_splits(
+        meta["data"], meta["val"], meta["val_fraction"], cfg.seed
+    )
+    if class_names != meta["class_names"]:
+        raise DataError(
+            f"{meta['data']}: the classes changed since the run started (were {meta['class_names']})"
+        )
+    train_set = ClassificationDataset(
+        train_samples, class_names, classify_train_transform(cfg.imgsz, augment)
+    )
+    val_set = ClassificationDataset(
+        val_samples, class_names, classify_eval_transform(cfg.imgsz, augment.crop_fraction)
+    )
+    net = create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+    transfer = TransferConfig(**_tuples(meta["transfer"]))
+    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, start_stage=stage, resume=last)
+
+
+def load_classifier(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained classifier and its metadata (class names, input size, normalisation)."""
+    meta = read_metadata(weights)
+    if "model" not in meta:
+        raise CnnkitError(
+            f"{weights} has no cnnkit metadata naming its model; load it with "
+            "cnnkit.create_model(NAME, weights=PATH) and classify with the model directly"
+        )
+    if meta.get("task") not in (None, "classify"):
+        raise CnnkitError(f"{weights} holds a {meta['task']} model, not a classifier")
+    return create_model(None, weights=weights).eval(), meta
+
+
+def val(
+    weights: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    batch: int = 64,
+    imgsz: int | None = None,
+    device: str = "auto",
+    workers: int = 2,
+) -> tuple[dict[str, float], ClassificationEvaluator]:
+    """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name)."""
+    model, meta = load_classifier(weights)
+    names = meta.get("class_names")
+    size = imgsz or int(meta.get("imgsz", 224))
+    transform = classify_eval_transform(size, float(meta.get("crop_fraction", 0.875)))
+    data = Path(data)
+    if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
+        split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)
+        if split is None:
+            raise DataError(f"{data}: has train/ but no {'/'.join(VAL_DIR_NAMES)} folder to validate on")
+        data = split
+    dataset = (
+        ClassificationDataset.from_csv(data, transform, names)
+        if data.is_file()
+        else ClassificationDataset.from_folder(data, transform, names)
+    )
+    dev = select_device(device)
+    model.to(dev)
+    task = ClassificationTask(len(dataset.class_names))
+    loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev)
+    metrics, evaluator = evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
+    return metrics, evaluator
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    topk: list[tuple[str, float]]  # (class name, probability), most likely first
+
+
+def iter_images(sources: Iterable[str | os.PathLike[str]]) -> Iterable[Path]:
+    """Files, folders (recursively) and glob patterns, in order; non-images in folders are ignored."""
+    import glob
+
+    for src in sources:
+        path = Path(src)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
+        elif path.is_file():
+            yield path
+        else:
+            matches = sorted(glob.glob(str(src), recursive=True))
+            if not matches:
+                raise DataError(f"{src}: no such file, folder or glob match")
+            yield from (Path(m) for m in matches if is_image(m))
+
+
+@torch.inference_mode()
+def predict(
+    weights: str | os.PathLike[str],
+    sources: Iterable[str | os.PathLike[str]],
+    *,
+    topk: int = 5,
+    batch: int = 32,
+    device: str = "auto",
+) -> Iterable[Prediction]:
+    """Classify images (files, folders or globs), yielding predictions as batches complete.
+
+    Unreadable images are reported in the log and skipped.
+    """
+    model, meta = load_classifier(weights)
+    dev = select_device(device)
+    model.to(dev)
+    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
+    dtype = amp_dtype("auto", dev)
+    k = min(topk, len(names))
+    paths: list[Path] = []
+    tensors: list[torch.Tensor] = []
+
+    def flush() -> Iterable[Prediction]:
+        x = torch.stack(tensors).to(dev)
+        with autocast(dev, dtype):
+            probs = model(x).float().softmax(1)
+        top = probs.topk(k, 1)
+        for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+            yield Prediction(str(p), [(names[i], round(v, 6)) for v, i in zip(values, indices)])
+        paths.clear()
+        tensors.clear()
+
+    for path in iter_images(sources):
+        try:
+            img = read_image(path)
+        except DataError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        paths.append(path)
+        tensors.append(transform(img))
+        if len(tensors) == batch:
+            yield from flush()
+    if tensors:
+        yield from flush()
+
+
+def predictions_to_json(preds: Iterable[Prediction]) -> str:
+    return json.dumps(
+        [{"path": p.path, "topk": [{"class": c, "prob": v} for c, v in p.topk]} for p in preds], indent=2
+    )
