@@ -45,7 +45,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cnnkit.demo import run_demo
 
-    return run_demo()
+    return run_demo(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo", help="run the main job end to end on built-in data")
+    p.add_argument("--out", default="runs/demo", help="where the data and runs go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
     from cnnkit.cli_tasks import add_commands

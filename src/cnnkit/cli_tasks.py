@@ -100,8 +100,10 @@ def cmd_val_classify(args: argparse.Namespace) -> int:
     else:
         print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         for row in evaluator.per_class(_names(args.weights)):
-            print(f"  {row['class']:<20} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
-                  f"n {row['support']}")  # fmt: skip
+            print(
+                f"  {row['class']:<20} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                f"n {row['support']}"
+            )
     return 0
 
 

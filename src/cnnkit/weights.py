@@ -184,7 +184,9 @@ def load_weights(
         )
     model.load_state_dict(new_sd, strict=False)
     report.loaded = len(new_sd)
-    for message in report.messages():
+    messages = report.messages()
+    log.debug("%s: %s", name, messages[0])
+    for message in messages[1:]:
         log.info("%s: %s", name, message)
     return report
 

@@ -69,12 +69,14 @@ def write_classification(
     seed: int = 0,
     limit: int | None = None,
     copies: int = 2,
+    ext: str = "png",
 ) -> Path:
     """Write an ImageFolder classification set: ``out/{train,val}/<digit name>/<n>_<copy>.png``.
 
     Each digit is rendered ``copies`` times (another size, position, colour and background each time);
     all renderings of one digit land in the same split. Image sizes vary in ``size_range`` (odd sizes
-    included); the digit fills 60-95% of the shorter side at a random offset. Returns ``out``.
+    included); the digit fills 60-95% of the shorter side at a random offset. ``ext`` picks the file
+    format (png, jpg, bmp, webp). Returns ``out``.
     """
     rng = np.random.default_rng(seed)
     images, labels = load_digits_arrays()
@@ -95,5 +97,5 @@ def write_classification(
             glyph = render_glyph(images[i], int(labels[i]), size, rng, bg[y : y + size, x : x + size])
             canvas = np.clip(bg, 0, 255).astype(np.uint8)
             canvas[y : y + size, x : x + size] = glyph.rgb
-            Image.fromarray(canvas).save(root / split / DIGIT_NAMES[int(labels[i])] / f"{i:04d}_{copy}.png")
+            Image.fromarray(canvas).save(root / split / DIGIT_NAMES[int(labels[i])] / f"{i:04d}_{copy}.{ext}")
     return root

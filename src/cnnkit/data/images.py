@@ -8,6 +8,7 @@ RGBA, palette and 16-bit images all come out as 8-bit RGB.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,14 @@ from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _FAST = {".jpg", ".jpeg", ".png", ".webp"}
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
+# decoders available here, and Pillow takes over if they are ever removed.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 
 
 def is_image(path: str | os.PathLike[str]) -> bool:
@@ -30,7 +39,7 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     if path.suffix.lower() in _FAST:
         try:
             return _read_torchvision(path)
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError, ImportError):
             pass  # unusual variants (CMYK JPEG, 16-bit PNG with alpha...): let Pillow try
     return _read_pillow(path)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,20 +90,24 @@ class Checkpoint(Callback):
         self.period = max(period, 1)
 
     def on_epoch_end(self, state: FitState) -> None:
-        final = state.epoch >= state.epochs or state.stop
-        if state.epoch % self.period == 0 or final:
-            self.save_last(state)
-        if state.improved and state.eval_model is not None:
-            meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
-            save_weights(state.eval_model, state.weights_dir / "best.safetensors", metadata=meta)
-
-    @staticmethod
-    def save_last(state: FitState) -> None:
         assert state.training_state is not None and state.eval_model is not None
-        with atomic_path(state.weights_dir / "last.pt") as tmp:
-            torch.save(state.training_state(), tmp)
+        final = state.epoch >= state.epochs or state.stop
+        saved_last = state.epoch % self.period == 0 or final
+        if saved_last:
+            with atomic_path(state.weights_dir / "last.pt") as tmp:
+                torch.save(state.training_state(), tmp)
+        if not (saved_last or state.improved):
+            return
         meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
-        save_weights(state.eval_model, state.weights_dir / "last.safetensors", metadata=meta)
+        name = "last" if saved_last else "best"
+        written = save_weights(state.eval_model, state.weights_dir / f"{name}.safetensors", meta)
+        if saved_last and state.improved:  # the same bytes: link instead of writing them twice
+            with atomic_path(state.weights_dir / "best.safetensors") as tmp:
+                tmp.unlink()
+                try:
+                    os.link(written, tmp)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(written, tmp)
 
 
 class EarlyStopping(Callback):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class FitResult:
     best_fitness: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    trainable_params: int = 0
+    frozen_params: int = 0
 
     @property
     def best(self) -> Path:
@@ -126,7 +129,7 @@ def evaluate(
     model.eval()
     evaluator = task.evaluator()
     try:
-        for batch in tqdm(loader, desc="val", leave=False, disable=not progress):
+        for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
             batch = to_device(batch, device, channels_last)
             with autocast(device, dtype):
                 outputs = model(task.inputs(batch))
@@ -165,6 +168,43 @@ def fit(
     ``cfg.seed + epoch``, so a resumed CPU run ends with the same weights as an uninterrupted one.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_log(run_dir / "train.log"):
+        return _fit(
+            task, model, train_set, val_set, cfg, run_dir, resume, lr_scale, metadata, callbacks, collate_fn
+        )
+
+
+@contextlib.contextmanager
+def _run_log(path: Path) -> Iterator[None]:
+    """Copy the ``cnnkit`` logger's INFO messages into the run's log file for the duration of a fit."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)
+
+
+def _fit(
+    task: Task,
+    model: nn.Module,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any] | None,
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: str | os.PathLike[str] | None,
+    lr_scale: dict[str, float] | None,
+    metadata: dict[str, Any] | None,
+    callbacks: Sequence[Callback],
+    collate_fn: Any,
+) -> FitResult:
     device = select_device(cfg.device)
     dtype = amp_dtype(cfg.amp, device)
     seed_everything(cfg.seed)
@@ -216,66 +256,72 @@ def fit(
     cbs += list(callbacks)
 
     trainable, frozen = count_parameters(model)
-    log.info("parameters: %s trainable, %s frozen; device %s%s", f"{trainable:,}", f"{frozen:,}", device,
-             f", autocast {dtype}" if dtype else "")  # fmt: skip
+    log.info(
+        "parameters: %s trainable, %s frozen; device %s%s",
+        f"{trainable:,}",
+        f"{frozen:,}",
+        device,
+        f", autocast {dtype}" if dtype else "",
+    )
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump({"train": cfg.to_dict(), **_plain(state.metadata)}, sort_keys=False)
     )
-    file_log = logging.FileHandler(run_dir / "train.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(file_log)
     train_module = task.training_module(model)
     evaluator = None
-    try:
-        for cb in cbs:
-            cb.on_fit_start(state)
-        for epoch in range(state.epoch, cfg.epochs):
-            seed_everything(cfg.seed + epoch)
-            loader = make_loader(
-                train_set, cfg.batch, shuffle=True, workers=cfg.workers, device=device,
-                seed=cfg.seed * 1000 + epoch, collate_fn=collate_fn, drop_last=True,
-            )  # fmt: skip
-            start = time.perf_counter()
-            train_logs = _train_epoch(
-                task, model, train_module, loader, optimizer, scaler, ema, cfg, state, device, dtype, epoch
+    for cb in cbs:
+        cb.on_fit_start(state)
+    for epoch in range(state.epoch, cfg.epochs):
+        seed_everything(cfg.seed + epoch)
+        loader = make_loader(
+            train_set,
+            cfg.batch,
+            shuffle=True,
+            workers=cfg.workers,
+            device=device,
+            seed=cfg.seed * 1000 + epoch,
+            collate_fn=collate_fn,
+            drop_last=True,
+        )
+        start = time.perf_counter()
+        train_logs = _train_epoch(
+            task, model, train_module, loader, optimizer, scaler, ema, cfg, state, device, dtype, epoch
+        )
+        metrics: dict[str, float] = {"epoch": epoch + 1, **train_logs}
+        if val_set is not None:
+            val_loader = make_loader(
+                val_set,
+                cfg.batch * 2,
+                shuffle=False,
+                workers=cfg.workers,
+                device=device,
+                collate_fn=collate_fn,
             )
-            metrics: dict[str, float] = {"epoch": epoch + 1, **train_logs}
-            if val_set is not None:
-                val_loader = make_loader(
-                    val_set,
-                    cfg.batch * 2,
-                    shuffle=False,
-                    workers=cfg.workers,
-                    device=device,
-                    collate_fn=collate_fn,
-                )
-                val_metrics, evaluator = evaluate(
-                    task, state.eval_model, val_loader, device, dtype, channels_last=cfg.channels_last
-                )
-                metrics.update({k: v for k, v in val_metrics.items() if isinstance(v, int | float)})
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics["time"] = round(time.perf_counter() - start, 3)
-            state.epoch = epoch + 1
-            state.metrics = metrics
-            state.history = [*state.history[:epoch], metrics]
-            fitness = metrics.get(task.fitness, -metrics.get("train_loss", math.inf))
-            state.improved = fitness > state.best_fitness
-            if state.improved:
-                state.best_fitness, state.best_epoch = fitness, state.epoch
-            log.info("epoch %d/%d  %s", state.epoch, cfg.epochs, _fmt_metrics(metrics))
-            for cb in cbs:
-                cb.on_epoch_end(state)
-            if state.stop:
-                log.info(state.stop_reason)
-                break
-        if evaluator is not None and cfg.plots and hasattr(evaluator, "save_plots"):
-            evaluator.save_plots(run_dir, state.metadata.get("class_names"))
+            val_metrics, evaluator = evaluate(
+                task, state.eval_model, val_loader, device, dtype, channels_last=cfg.channels_last
+            )
+            metrics.update({k: v for k, v in val_metrics.items() if isinstance(v, int | float)})
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["time"] = round(time.perf_counter() - start, 3)
+        state.epoch = epoch + 1
+        state.metrics = metrics
+        state.history = [*state.history[:epoch], metrics]
+        fitness = metrics.get(task.fitness, -metrics.get("train_loss", math.inf))
+        state.improved = fitness > state.best_fitness
+        if state.improved:
+            state.best_fitness, state.best_epoch = fitness, state.epoch
+        log.info("epoch %d/%d  %s", state.epoch, cfg.epochs, _fmt_metrics(metrics))
         for cb in cbs:
-            cb.on_fit_end(state)
-    finally:
-        log.removeHandler(file_log)
-        file_log.close()
-    return FitResult(run_dir, state.metrics, state.best_fitness, state.best_epoch, state.history)
+            cb.on_epoch_end(state)
+        if state.stop:
+            log.info(state.stop_reason)
+            break
+    if evaluator is not None and cfg.plots and hasattr(evaluator, "save_plots"):
+        evaluator.save_plots(run_dir, state.metadata.get("class_names"))
+    for cb in cbs:
+        cb.on_fit_end(state)
+    return FitResult(
+        run_dir, state.metrics, state.best_fitness, state.best_epoch, state.history, trainable, frozen
+    )
 
 
 def _train_epoch(

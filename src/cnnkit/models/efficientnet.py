@@ -178,6 +178,10 @@ def efficientnet(
     scaling = compound_scaling(phi, alpha, beta, gamma)
     log.info(
         "efficientnet phi=%s: width x%.3f, depth x%.3f, resolution %d, dropout %.2f",
-        phi, scaling.width, scaling.depth, scaling.resolution, scaling.dropout,
-    )  # fmt: skip
+        phi,
+        scaling.width,
+        scaling.depth,
+        scaling.resolution,
+        scaling.dropout,
+    )
     return EfficientNet(scaling, **kwargs)

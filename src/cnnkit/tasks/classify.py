@@ -146,8 +146,15 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Sequence[st
         for i in range(n):
             for j in range(n):
                 if cm[i, j] > 0:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
         ax.set_xticks(range(n), names, rotation=90)
         ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")

@@ -27,7 +27,15 @@ from cnnkit.data.transforms import (
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
-from cnnkit.engine.trainer import FitResult, evaluate, fit, load_training_state, make_loader, new_run_dir
+from cnnkit.engine.trainer import (
+    FitResult,
+    evaluate,
+    fit,
+    load_training_state,
+    make_loader,
+    new_run_dir,
+    seed_everything,
+)
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.weights import read_metadata
@@ -133,6 +141,7 @@ def train(
         source=f"{data} (val)",
     )
     args = dict(model_args or {})
+    seed_everything(cfg.seed)  # the new head's initialisation is part of the seeded run
     net = create_model(model, num_classes=len(class_names), weights=pretrained, **args)
     run_dir = new_run_dir(project, "classify", name)
     skipped = [*train_set.skipped.items, *val_set.skipped.items]
@@ -182,8 +191,11 @@ def _fit_stages(
             log.info(
                 "stage 1: base frozen (%d blocks, BatchNorm in inference mode), training %s; "
                 "%s trainable, %s frozen parameters",
-                len(frozen), ["head", *kept], f"{trainable:,}", f"{n_frozen:,}",
-            )  # fmt: skip
+                len(frozen),
+                ["head", *kept],
+                f"{trainable:,}",
+                f"{n_frozen:,}",
+            )
         result = fit(task, net, train_set, val_set, cfg, run_dir, resume=resume, metadata=meta)
         if not two_stage:
             return result
@@ -192,8 +204,11 @@ def _fit_stages(
     trainable, n_frozen = count_parameters(net)
     log.info(
         "stage 2: fine-tuning the last %d blocks at %gx the learning rate; %s trainable, %s frozen",
-        transfer.unfreeze_last, transfer.fine_tune_lr_factor, f"{trainable:,}", f"{n_frozen:,}",
-    )  # fmt: skip
+        transfer.unfreeze_last,
+        transfer.fine_tune_lr_factor,
+        f"{trainable:,}",
+        f"{n_frozen:,}",
+    )
     stage2 = cfg.replace(epochs=transfer.fine_tune_epochs, lr=cfg.lr * transfer.fine_tune_lr_factor)
     return fit(
         task,
