@@ -62,8 +62,11 @@ def small_input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 
 
-@pytest.mark.parametrize("name", cnnkit.list_models())
-def test_every_model_trains_a_step(name: str) -> None:
+CLASSIFIERS = [n for n in cnnkit.list_models() if not n.startswith("unet")]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_classifier_trains_a_step(name: str) -> None:
     model = cnnkit.create_model(name, num_classes=7)
     x = small_input(name)
     out, aux = model.forward_with_aux(x)

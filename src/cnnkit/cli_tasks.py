@@ -125,10 +125,73 @@ def cmd_predict_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_segment(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import segment
+
+    if args.resume:
+        result = segment.train(".", resume=args.resume)
+    else:
+        if not args.data:
+            raise SystemExit("cnnkit train segment: --data is required (or --resume)")
+        opts = segment.SegmentOptions(
+            loss=args.loss,
+            class_weights=tuple(args.class_weights) if args.class_weights else None,
+            binary=args.binary,
+            hflip=args.fliplr,
+            strict=args.strict,
+        )
+        result = segment.train(
+            args.data,
+            model=args.model,
+            model_args=json.loads(args.model_args) if args.model_args else None,
+            pretrained=args.pretrained,
+            cfg=train_config(args),
+            opts=opts,
+            val_fraction=args.val_fraction,
+            project=args.project,
+            name=args.name,
+        )
+    print(f"best {result.best}  (epoch {result.best_epoch}, mIoU {result.best_fitness:.4f})")
+    print(f"results in {result.run_dir}")
+    return 0
+
+
+def cmd_val_segment(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import segment
+
+    metrics, evaluator = segment.val(args.weights, args.data, batch=args.batch, device=args.device)
+    names = _names(args.weights) or [str(i) for i in range(evaluator.num_classes)]
+    per = {k: v.tolist() for k, v in evaluator.per_class().items()}
+    if args.json:
+        print(json.dumps({"metrics": metrics, "per_class": {"names": names, **per}}, indent=2))
+        return 0
+    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    for i, name in enumerate(names):
+        print(f"  {name:<20} IoU {per['iou'][i]:.3f}  Dice {per['dice'][i]:.3f}  acc {per['acc'][i]:.3f}")
+    return 0
+
+
+def cmd_predict_segment(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import segment
+
+    results = []
+    for p in segment.predict(args.weights, args.sources, out=args.out, device=args.device):
+        classes = sorted(int(c) for c in set(p.mask.flatten().tolist()))
+        results.append({"path": p.path, "mask": p.mask_file, "overlay": p.overlay_file, "classes": classes})
+        if not args.json:
+            print(f"{p.path}: classes {classes} -> {p.mask_file}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_data_builtin(args: argparse.Namespace) -> int:
     from cnnkit.data import builtin
 
-    out = builtin.write_classification(args.out, seed=args.seed, limit=args.limit)
+    if args.task == "classify":
+        out = builtin.write_classification(args.out, seed=args.seed, limit=args.limit)
+    else:
+        out = builtin.write_segmentation(args.out, seed=args.seed)
     print(f"wrote {args.task} data to {out}", file=sys.stderr)
     return 0
 
@@ -158,6 +221,20 @@ def add_commands(sub: Any) -> None:
     add_train_options(p)
     p.set_defaults(func=cmd_train_classify)
 
+    p = train.add_parser("segment", help="semantic segmentation (image and mask folders, Pascal VOC)")
+    p.add_argument("--data", help="dataset root (images/ + masks/, train/val splits, or VOC)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="seeded split when there is no val set")
+    p.add_argument("--model", default="unet_same", help="unet, unet_same, unet_course, unet_<encoder>...")
+    p.add_argument("--model-args", help='JSON of builder arguments, e.g. \'{"base": 16, "depth": 3}\'')
+    p.add_argument("--pretrained", help="cnnkit weights of the same model")
+    p.add_argument("--loss", choices=["ce", "dice", "focal", "ce+dice"], default="ce+dice")
+    p.add_argument("--class-weights", type=float, nargs="*", help="cross-entropy weight of each class")
+    p.add_argument("--binary", action="store_true", help="two classes as one sigmoid channel")
+    p.add_argument("--fliplr", type=float, default=0.5)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad image/mask pair")
+    add_train_options(p)
+    p.set_defaults(func=cmd_train_segment)
+
     val = sub.add_parser("val", help="evaluate trained weights").add_subparsers(dest="task", required=True)
     p = val.add_parser("classify")
     p.add_argument("--weights", required=True)
@@ -167,6 +244,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_val_classify)
+
+    p = val.add_parser("segment")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True, help="the dataset root; its validation split is used")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_val_segment)
 
     predict = sub.add_parser("predict", help="run trained weights on images").add_subparsers(
         dest="task", required=True
@@ -179,10 +264,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict_classify)
 
+    p = predict.add_parser("segment")
+    p.add_argument("--weights", required=True)
+    p.add_argument("sources", nargs="+", help="image files, folders or globs")
+    p.add_argument("--out", default="runs/predict/segment", help="where masks/ and overlays/ are written")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict_segment)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
     p.add_argument("name", choices=["digits"])
-    p.add_argument("--task", choices=["classify"], default="classify")
+    p.add_argument("--task", choices=["classify", "segment"], default="classify")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N digits")

@@ -71,11 +71,46 @@ def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
     for p in classify.predict(result.best, samples, topk=3):
         print(f"predict {Path(p.path).relative_to(data)}: " + ", ".join(f"{c} {v:.2f}" for c, v in p.topk))
 
-    run = result.run_dir
+    classify_run = result.run_dir
+    seg_run, seg_pred = _segmentation(root)
+
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
-    print(f"  weights     {result.best}")
-    print(f"  curves      {run / 'results.png'}  (per epoch: {run / 'results.csv'})")
-    print(f"  confusion   {run / 'confusion_matrix.png'}")
-    print(f"  log         {run / 'train.log'}")
+    print(f"  classifier   {result.best}")
+    print(f"               curves {classify_run / 'results.png'}")
+    print(f"               confusion matrix {classify_run / 'confusion_matrix.png'}")
+    print(f"  segmenter    {seg_run / 'weights' / 'best.safetensors'}")
+    print(f"               curves {seg_run / 'results.png'}, overlays {seg_pred / 'overlays'}")
     print(f"Try: cnnkit predict classify --weights {result.best} {data / 'val' / 'four'}")
     return 0
+
+
+def _segmentation(root: Path) -> tuple[Path, Path]:
+    """Built-in digit scenes -> train a small U-Net -> validate -> predict masks and overlays."""
+    from cnnkit.data.builtin import write_segmentation
+    from cnnkit.engine import TrainConfig
+    from cnnkit.workflows import segment
+
+    print("\n== 3. Semantic segmentation with a U-Net (each digit's pixels labelled with its class)")
+    data = root / "digit-scenes"
+    if not (data / "data.yaml").is_file():
+        write_segmentation(data, seed=0)
+    print(f"data: {data} (images/ + masks/ with train/ and val/, index PNG masks, data.yaml)")
+    cfg = TrainConfig(epochs=10, batch=16, imgsz=64, lr=3e-3, workers=1)
+    result = segment.train(
+        data,
+        model="unet_same",
+        model_args={"base": 32, "depth": 3},
+        cfg=cfg,
+        project=root,
+        name="digit-scenes",
+    )
+    metrics, evaluator = segment.val(result.best, data, workers=1)
+    iou = evaluator.per_class()["iou"]
+    print(f"validation: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_acc']:.3f}, "
+          f"background IoU {iou[0]:.3f}")  # fmt: skip
+    out = result.run_dir / "predict"
+    samples = sorted((data / "images" / "val").glob("*.png"))[:4]
+    for p in segment.predict(result.best, samples, out=out):
+        classes = sorted(set(p.mask.flatten().tolist()))
+        print(f"predict {Path(p.path).name}: classes {classes} -> {p.overlay_file}")
+    return result.run_dir, out

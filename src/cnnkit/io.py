@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes."""
+"""Small file helpers: atomic writes, YAML."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnkit.errors import CnnkitError
 
 
 @contextlib.contextmanager
@@ -33,3 +38,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     """Call ``write(tmp_path)`` and atomically move the result to ``path``."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CnnkitError(f"{path}: cannot read YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise CnnkitError(f"{path}: expected a mapping at the top level")
+    return data

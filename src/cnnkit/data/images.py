@@ -7,8 +7,10 @@ RGBA, palette and 16-bit images all come out as 8-bit RGB.
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +91,18 @@ def verify_image(path: str | os.PathLike[str]) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"cannot decode image ({exc})"
     return None
+
+
+def iter_images(sources: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files, folders (recursively) and glob patterns, in order; non-images in folders are ignored."""
+    for src in sources:
+        path = Path(src)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
+        elif path.is_file():
+            yield path
+        else:
+            matches = sorted(glob.glob(str(src), recursive=True))
+            if not matches:
+                raise DataError(f"{src}: no such file, folder or glob match")
+            yield from (Path(m) for m in matches if is_image(m))

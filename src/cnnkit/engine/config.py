@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from cnnkit.errors import CnnkitError
+from cnnkit.io import load_yaml
+
+__all__ = ["TrainConfig", "config_from_dict", "load_yaml"]
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
@@ -75,14 +74,3 @@ def config_from_dict(cls: type[Any], values: dict[str, Any], source: str = "conf
     if unknown:
         raise CnnkitError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
     return cls(**values)
-
-
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CnnkitError(f"{path}: cannot read YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise CnnkitError(f"{path}: expected a mapping at the top level")
-    return data

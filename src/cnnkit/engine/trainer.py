@@ -248,7 +248,8 @@ def _fit(
 
     state.eval_model = ema.module if ema else model
     state.training_state = training_state
-    cbs: list[Callback] = [CSVLogger(), Checkpoint(cfg.save_period)]
+    # Checkpoint first: a row in results.csv then always has its checkpoint on disk.
+    cbs: list[Callback] = [Checkpoint(cfg.save_period), CSVLogger()]
     if cfg.patience:
         cbs.append(EarlyStopping(cfg.patience))
     if cfg.plots:

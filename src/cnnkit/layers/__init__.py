@@ -9,6 +9,7 @@ from cnnkit.layers.blocks import (
     SqueezeExcite,
 )
 from cnnkit.layers.conv import Conv2dSame, ConvNormAct, make_divisible
+from cnnkit.layers.frozen_bn import FrozenBatchNorm2d, freeze_batchnorm
 
 __all__ = [
     "BasicBlock",
@@ -17,7 +18,9 @@ __all__ = [
     "ConvNormAct",
     "DepthwiseSeparable",
     "DropPath",
+    "FrozenBatchNorm2d",
     "InvertedResidual",
     "SqueezeExcite",
+    "freeze_batchnorm",
     "make_divisible",
 ]

@@ -1,6 +1,6 @@
 """The architecture zoo; importing it registers every family's builders."""
 
-from cnnkit.models import efficientnet, inception, mobilenet, resnet, vgg
+from cnnkit.models import efficientnet, inception, mobilenet, resnet, unet, vgg
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureExtractor, FeatureInfo
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "inception",
     "mobilenet",
     "resnet",
+    "unet",
     "vgg",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
-from cnnkit.data.images import is_image, read_image
+from cnnkit.data.images import iter_images, read_image
 from cnnkit.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -303,23 +303,6 @@ def val(
 class Prediction:
     path: str
     topk: list[tuple[str, float]]  # (class name, probability), most likely first
-
-
-def iter_images(sources: Iterable[str | os.PathLike[str]]) -> Iterable[Path]:
-    """Files, folders (recursively) and glob patterns, in order; non-images in folders are ignored."""
-    import glob
-
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
-        elif path.is_file():
-            yield path
-        else:
-            matches = sorted(glob.glob(str(src), recursive=True))
-            if not matches:
-                raise DataError(f"{src}: no such file, folder or glob match")
-            yield from (Path(m) for m in matches if is_image(m))
 
 
 @torch.inference_mode()
