@@ -95,7 +95,7 @@ def _segmentation(root: Path) -> tuple[Path, Path]:
     if not (data / "data.yaml").is_file():
         write_segmentation(data, seed=0)
     print(f"data: {data} (images/ + masks/ with train/ and val/, index PNG masks, data.yaml)")
-    cfg = TrainConfig(epochs=10, batch=16, imgsz=64, lr=3e-3, workers=1)
+    cfg = TrainConfig(epochs=16, batch=16, imgsz=48, lr=5e-3, workers=1)
     result = segment.train(
         data,
         model="unet_same",

@@ -344,7 +344,11 @@ def _train_epoch(
     sums: dict[str, float] = {}
     count = 0
     bar = tqdm(
-        loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=cfg.quiet, dynamic_ncols=True
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        disable=True if cfg.quiet else None,  # None: no bar when stderr is not a terminal
+        dynamic_ncols=True,
     )
     for batch in bar:
         batch = to_device(batch, device, cfg.channels_last)

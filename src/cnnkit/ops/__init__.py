@@ -1,5 +1,31 @@
-"""Pure tensor functions: box formats, IoU, NMS, and a reference transposed convolution."""
+"""Pure tensor functions: box formats, the IoU family, NMS, and a reference transposed convolution."""
 
+from cnnkit.ops.boxes import (
+    BoxFormat,
+    area,
+    box_iou,
+    clip,
+    complete_iou,
+    convert,
+    distance_iou,
+    elementwise_iou,
+    generalized_iou,
+)
+from cnnkit.ops.nms import batched_nms, nms, soft_nms
 from cnnkit.ops.transposed import conv_transpose2d_reference
 
-__all__ = ["conv_transpose2d_reference"]
+__all__ = [
+    "BoxFormat",
+    "area",
+    "batched_nms",
+    "box_iou",
+    "clip",
+    "complete_iou",
+    "conv_transpose2d_reference",
+    "convert",
+    "distance_iou",
+    "elementwise_iou",
+    "generalized_iou",
+    "nms",
+    "soft_nms",
+]
