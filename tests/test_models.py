@@ -62,7 +62,8 @@ def small_input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 
 
-CLASSIFIERS = [n for n in cnnkit.list_models() if not n.startswith("unet")]
+NOT_CLASSIFIERS = {"localizer", "landmarker", "tinyconvnet"}  # task heads, tested in test_localize.py
+CLASSIFIERS = [n for n in cnnkit.list_models() if not n.startswith("unet") and n not in NOT_CLASSIFIERS]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -234,3 +235,25 @@ def test_custom_compound_scaling_reports_its_choice() -> None:
     assert model.scaling == s and model.default_imgsz == 256
     b0 = cnnkit.create_model("efficientnet", phi=0.0)
     assert n_params(b0) == REFERENCE_PARAMS["efficientnet_b0"]
+
+
+def test_foreign_safetensors_are_put_back_in_registration_order(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tv = _torchvision_model("mobilenet_v2")
+    save_file(
+        {k: v.contiguous() for k, v in tv.state_dict().items()}, tmp_path / "tv.safetensors"
+    )  # name-sorted
+    ours = cnnkit.create_model("mobilenet_v2", weights=tmp_path / "tv.safetensors").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - tv(x)).abs().max().item() <= 1e-4
+
+
+def test_classifier_weights_into_a_headless_backbone(tmp_path: Path) -> None:
+    clf = cnnkit.create_model("resnet18", num_classes=10, width=0.25)
+    path = cnnkit.save_weights(clf, tmp_path / "clf.safetensors")
+    backbone = cnnkit.create_model("resnet18", num_classes=0, width=0.25)
+    report = cnnkit.load_weights(backbone, path)
+    assert sorted(report.unused) == ["head.fc.bias", "head.fc.weight"]
+    torch.testing.assert_close(backbone.stem.conv.conv.weight, clf.stem.conv.conv.weight)

@@ -185,13 +185,84 @@ def cmd_predict_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_localize(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import localize
+
+    if args.resume:
+        result = localize.train(args.task, ".", resume=args.resume)
+    else:
+        if not args.data:
+            raise SystemExit(f"cnnkit train {args.task}: --data is required (or --resume)")
+        pairs = [tuple(int(i) for i in p.split(",")) for p in args.flip_pairs] if args.flip_pairs else None
+        result = localize.train(
+            args.task,
+            args.data,
+            backbone=args.backbone,
+            backbone_args=json.loads(args.backbone_args) if args.backbone_args else None,
+            pretrained=args.pretrained,
+            cfg=train_config(args),
+            val_fraction=args.val_fraction,
+            loss=args.loss,
+            flip_pairs=pairs,
+            norm_points=tuple(args.norm_points) if args.norm_points else None,
+            project=args.project,
+            name=args.name,
+        )
+    print(f"best {result.best}  (epoch {result.best_epoch}, fitness {result.best_fitness:.4f})")
+    print(f"results in {result.run_dir}")
+    return 0
+
+
+def cmd_val_localize(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import localize
+
+    metrics = localize.val(args.weights, args.task, args.data, device=args.device)
+    print(
+        json.dumps(metrics, indent=2) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
+    return 0
+
+
+def cmd_predict_localize(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import localize
+
+    results = []
+    for p in localize.predict(
+        args.weights, args.task, args.sources, out=args.out, threshold=args.conf, device=args.device
+    ):
+        results.append(
+            {
+                "path": p.path,
+                "object_prob": p.object_prob,
+                "class": p.label,
+                "class_prob": p.class_prob,
+                "box": p.box,
+                "points": p.points,
+                "drawn": p.drawn,
+            }
+        )
+        if not args.json:
+            what = (
+                f"{p.label} {p.class_prob:.2f} box {p.box}"
+                if args.task == "localize"
+                else f"points {p.points}"
+            )
+            print(f"{p.path}: {what}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_data_builtin(args: argparse.Namespace) -> int:
     from cnnkit.data import builtin
 
-    if args.task == "classify":
-        out = builtin.write_classification(args.out, seed=args.seed, limit=args.limit)
-    else:
-        out = builtin.write_segmentation(args.out, seed=args.seed)
+    writers = {
+        "classify": lambda: builtin.write_classification(args.out, seed=args.seed, limit=args.limit),
+        "segment": lambda: builtin.write_segmentation(args.out, seed=args.seed),
+        "localize": lambda: builtin.write_localization(args.out, seed=args.seed),
+        "landmarks": lambda: builtin.write_landmarks(args.out, seed=args.seed),
+    }
+    out = writers[args.task]()
     print(f"wrote {args.task} data to {out}", file=sys.stderr)
     return 0
 
@@ -235,6 +306,31 @@ def add_commands(sub: Any) -> None:
     add_train_options(p)
     p.set_defaults(func=cmd_train_segment)
 
+    for task in ("localize", "landmarks"):
+        help_text = "one main object: class + box (or none)" if task == "localize" else "K points per image"
+        p = train.add_parser(task, help=help_text)
+        p.add_argument(
+            "--data", help="CSV/JSON, a folder with train.csv (+ val.csv), a YOLO data.yaml or VOC"
+        )
+        p.add_argument("--val-fraction", type=float, default=0.2)
+        p.add_argument("--backbone", default="resnet18", help="a zoo classifier (cnnkit models)")
+        p.add_argument("--backbone-args", help="JSON of backbone arguments, e.g. '{\"width\": 0.25}'")
+        p.add_argument("--pretrained", help="backbone weights (a classifier's: its head is dropped)")
+        p.add_argument(
+            "--loss", choices=["l1", "smooth_l1", "wing"], default="smooth_l1", help="landmarks only"
+        )
+        p.add_argument(
+            "--flip-pairs", nargs="*", help="landmarks: index pairs swapped by a flip, e.g. 1,3 36,45"
+        )
+        p.add_argument(
+            "--norm-points",
+            type=int,
+            nargs=2,
+            help="landmarks: the two points whose distance normalises NME (e.g. outer eye corners 36 45)",
+        )
+        add_train_options(p)
+        p.set_defaults(func=cmd_train_localize)
+
     val = sub.add_parser("val", help="evaluate trained weights").add_subparsers(dest="task", required=True)
     p = val.add_parser("classify")
     p.add_argument("--weights", required=True)
@@ -272,10 +368,26 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict_segment)
 
+    for task in ("localize", "landmarks"):
+        p = val.add_parser(task)
+        p.add_argument("--weights", required=True)
+        p.add_argument("--data", help="default: the training data (its validation split)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_val_localize)
+        p = predict.add_parser(task)
+        p.add_argument("--weights", required=True)
+        p.add_argument("sources", nargs="+", help="image files, folders or globs")
+        p.add_argument("--out", default=f"runs/predict/{task}", help="where the drawn images go")
+        p.add_argument("--conf", type=float, default=0.5, help="localize: objectness threshold")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_predict_localize)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
     p.add_argument("name", choices=["digits"])
-    p.add_argument("--task", choices=["classify", "segment"], default="classify")
+    p.add_argument("--task", choices=["classify", "segment", "localize", "landmarks"], default="classify")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N digits")

@@ -73,6 +73,7 @@ def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
 
     classify_run = result.run_dir
     seg_run, seg_pred = _segmentation(root)
+    loc_run = _localization(root, result.best)
 
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
     print(f"  classifier   {result.best}")
@@ -80,8 +81,47 @@ def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
     print(f"               confusion matrix {classify_run / 'confusion_matrix.png'}")
     print(f"  segmenter    {seg_run / 'weights' / 'best.safetensors'}")
     print(f"               curves {seg_run / 'results.png'}, overlays {seg_pred / 'overlays'}")
+    print(f"  localizer    {loc_run / 'weights' / 'best.safetensors'} (drawn boxes in {loc_run / 'predict'})")
     print(f"Try: cnnkit predict classify --weights {result.best} {data / 'val' / 'four'}")
     return 0
+
+
+def _localization(root: Path, classifier: Path) -> Path:
+    """Built-in single-digit scenes -> a localizer whose backbone starts from the digit classifier."""
+    from cnnkit.data.builtin import write_localization
+    from cnnkit.engine import TrainConfig
+    from cnnkit.workflows import localize
+
+    print(
+        "\n== 4. Object localization: [p_c, b_x, b_y, b_h, b_w, c_1..c_10], backbone from step 2's classifier"
+    )
+    data = root / "digit-boxes"
+    if not (data / "train.csv").is_file():
+        write_localization(data, seed=0)
+    cfg = TrainConfig(epochs=6, batch=32, imgsz=48, lr=3e-3, workers=1)
+    result = localize.train(
+        "localize",
+        data,
+        backbone="resnet18",
+        backbone_args={"width": 0.25},
+        pretrained=classifier,
+        cfg=cfg,
+        project=root,
+        name="digit-boxes",
+    )
+    m = result.metrics
+    print(
+        f"validation: object/no-object accuracy {m['obj_acc']:.3f}, class accuracy {m['cls_acc']:.3f}, "
+        f"mean IoU {m['miou']:.3f}, accuracy at IoU>=0.5 {m['acc_iou50']:.3f}"
+    )
+    samples = sorted((data / "images" / "val").glob("*.png"))[:3]
+    for p in localize.predict(result.best, "localize", samples, out=result.run_dir / "predict"):
+        print(f"predict {Path(p.path).name}: {p.label} (p_c {p.object_prob:.2f}) box {_fmt_box(p.box)}")
+    return result.run_dir
+
+
+def _fmt_box(box: tuple[float, ...] | None) -> str:
+    return "none" if box is None else "(" + ", ".join(f"{v:.0f}" for v in box) + ")"
 
 
 def _segmentation(root: Path) -> tuple[Path, Path]:
@@ -106,8 +146,10 @@ def _segmentation(root: Path) -> tuple[Path, Path]:
     )
     metrics, evaluator = segment.val(result.best, data, workers=1)
     iou = evaluator.per_class()["iou"]
-    print(f"validation: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_acc']:.3f}, "
-          f"background IoU {iou[0]:.3f}")  # fmt: skip
+    print(
+        f"validation: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_acc']:.3f}, "
+        f"background IoU {iou[0]:.3f}"
+    )
     out = result.run_dir / "predict"
     samples = sorted((data / "images" / "val").glob("*.png"))[:4]
     for p in segment.predict(result.best, samples, out=out):

@@ -160,9 +160,12 @@ def load_weights(
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     src = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     target = model.state_dict()
+    foreign = not set(_split(list(target))[0]) <= set(src)  # the file does not use cnnkit's names
+    if foreign and not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
+        src = _registration_order(src, getattr(model, "cnnkit_config", {}).get("name"), name)
     head = tuple(getattr(model, "classifier_modules", ()))
     report = LoadReport()
-    pairs = _pair_keys(target, src, report, name)
+    pairs = _pair_keys(target, src, report, name, head)
     new_sd: StateDict = {}
     mismatched = []
     first_conv = next((k for k, v in target.items() if v.ndim == 4), None)
@@ -204,10 +207,25 @@ def _split(keys: list[str]) -> tuple[list[str], list[str]]:
     return [k for k in keys if not _AUX.search(k)], [k for k in keys if _AUX.search(k)]
 
 
-def _pair_keys(target: StateDict, src: StateDict, report: LoadReport, name: str) -> list[tuple[str, str]]:
+def _pair_keys(
+    target: StateDict, src: StateDict, report: LoadReport, name: str, head: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
     """Pair model keys with file keys: by name when the names agree, else by position."""
     t_main, t_aux = _split(list(target))
     s_main, s_aux = _split(list(src))
+    if head and not any(k.startswith(h + ".") for k in t_main for h in head):
+        # The model has no classifier (num_classes=0, a task head's backbone): leave the file's out.
+        named = [k for k in s_main if any(k.startswith(h + ".") for h in head)]
+        if named:
+            report.unused += named
+            s_main = [k for k in s_main if k not in named]
+        elif len(s_main) == len(t_main) + 2:
+            w, b = src[s_main[-2]], src[s_main[-1]]
+            if (
+                w.ndim == 2 and b.ndim == 1 and w.shape[0] == b.shape[0]
+            ):  # a foreign classifier, registered last
+                report.unused += s_main[-2:]
+                s_main = s_main[:-2]
     by_name = set(t_main) == set(s_main)
     if by_name:
         pairs = [(k, k) for k in t_main]
@@ -222,7 +240,8 @@ def _pair_keys(target: StateDict, src: StateDict, report: LoadReport, name: str)
             f"{len(s_main)}. Missing from the file: {only_t[:8]}; unexpected in the file: {only_s[:8]}"
         )
     if not (t_aux and s_aux):  # side heads only on one side: nothing to pair
-        report.unused, report.missing = s_aux, t_aux
+        report.unused += s_aux
+        report.missing = t_aux
     elif by_name and set(t_aux) == set(s_aux):
         pairs += [(k, k) for k in t_aux]
     elif len(t_aux) == len(s_aux):
@@ -233,3 +252,48 @@ def _pair_keys(target: StateDict, src: StateDict, report: LoadReport, name: str)
             "in the file)"
         )
     return pairs
+
+
+def _registration_order(src: StateDict, model_name: str | None, name: str) -> StateDict:
+    """Put a foreign safetensors state dict back in module-registration order.
+
+    safetensors files store tensors sorted by name, which loses the order positional mapping needs; the
+    order is recovered from the reference implementation with the same keys (torchvision's model of the
+    same name, or timm's when timm is installed).
+    """
+    for order in _reference_orders(model_name):
+        if set(order) == set(src):
+            return {k: src[k] for k in order}
+    raise WeightsError(
+        f"{name}: its tensor names are not cnnkit's, and no torchvision/timm model named {model_name!r} has "
+        "exactly these names to recover their order from. Save the state dict with torch.save (.pth), which "
+        "keeps the order, or rename the keys to cnnkit's."
+    )
+
+
+def _reference_orders(model_name: str | None) -> list[list[str]]:
+    import warnings
+
+    if model_name is None:
+        return []
+    orders = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import torchvision
+
+            extra = (
+                {"aux_logits": True, "init_weights": False}
+                if model_name in ("googlenet", "inception_v3")
+                else {}
+            )
+            orders.append(list(torchvision.models.get_model(model_name, weights=None, **extra).state_dict()))
+        except (ValueError, KeyError, TypeError):
+            pass
+        try:
+            import timm  # type: ignore[import-not-found]
+
+            orders.append(list(timm.create_model(model_name, pretrained=False).state_dict()))
+        except (ImportError, RuntimeError, ValueError):
+            pass
+    return orders

@@ -183,3 +183,79 @@ def write_segmentation(
         f"names: {names}\nignore_index: 255\n"
     )
     return root
+
+
+def write_localization(
+    out: str | os.PathLike[str],
+    *,
+    n_train: int = 800,
+    n_val: int = 200,
+    size_range: tuple[int, int] = (48, 72),
+    empty_fraction: float = 0.15,
+    seed: int = 0,
+) -> Path:
+    """Write a localization set: ``images/{train,val}/*.png`` and ``train.csv``/``val.csv`` with the header
+    ``image,class,x1,y1,x2,y2`` (pixels, paths relative to the CSV). One digit per image at a random
+    position and scale; ``empty_fraction`` of the images have none (empty class and box)."""
+    rng = np.random.default_rng(seed)
+    images, labels = load_digits_arrays()
+    root = Path(out)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        rows = ["image,class,x1,y1,x2,y2"]
+        for k in range(n):
+            h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+            name = f"images/{split}/{k:05d}.png"
+            if rng.random() < empty_fraction:
+                canvas, placed = np.clip(background(rng, h, w), 0, 255).astype(np.uint8), []
+            else:
+                canvas, placed = place_digits(images, labels, rng, (h, w), count=(1, 1), glyph_range=(20, 40))
+            Image.fromarray(canvas).save(root / name)
+            if placed:
+                glyph, y, x = placed[0]
+                ys, xs = np.nonzero(glyph.mask)  # the tight box of the glyph's pixels
+                rows.append(
+                    f"{name},{DIGIT_NAMES[glyph.label]},{x + xs.min()},{y + ys.min()},"
+                    f"{x + xs.max() + 1},{y + ys.max() + 1}"
+                )
+            else:
+                rows.append(f"{name},,,,,")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_landmarks(
+    out: str | os.PathLike[str],
+    *,
+    n_train: int = 800,
+    n_val: int = 200,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a landmark set of kites: four vertices (top, right, bottom, left), the points to find.
+
+    ``images/{train,val}/*.png``, ``train.csv``/``val.csv`` (``image,x0,y0,...,x3,y3`` with a header) and
+    ``data.yaml`` with ``flip_pairs: [[1, 3]]`` (a horizontal flip swaps the right and left vertices).
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    root = Path(out)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        rows = ["image," + ",".join(f"x{i},y{i}" for i in range(4))]
+        for k in range(n):
+            img = Image.fromarray(np.clip(background(rng, size, size), 0, 255).astype(np.uint8))
+            cx, cy = rng.uniform(0.35, 0.65, 2) * size
+            pts = []
+            for base in (-90.0, 0.0, 90.0, 180.0):  # top, right, bottom, left
+                angle = np.deg2rad(base + rng.uniform(-20, 20))
+                radius = rng.uniform(0.15, 0.32) * size
+                pts.append((float(cx + radius * np.cos(angle)), float(cy + radius * np.sin(angle))))
+            ImageDraw.Draw(img).polygon(pts, fill=tuple(int(v) for v in rng.uniform(150, 255, 3)))
+            name = f"images/{split}/{k:05d}.png"
+            img.save(root / name)
+            rows.append(name + "," + ",".join(f"{x:.2f},{y:.2f}" for x, y in pts))
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "data.yaml").write_text("# kites: vertices top, right, bottom, left\nflip_pairs: [[1, 3]]\n")
+    return root

@@ -1,6 +1,6 @@
 """The architecture zoo; importing it registers every family's builders."""
 
-from cnnkit.models import efficientnet, inception, mobilenet, resnet, unet, vgg
+from cnnkit.models import efficientnet, heads, inception, mobilenet, resnet, unet, vgg
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureExtractor, FeatureInfo
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureInfo",
     "efficientnet",
+    "heads",
     "inception",
     "mobilenet",
     "resnet",

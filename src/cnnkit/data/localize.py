@@ -1,0 +1,364 @@
+"""Localization (one main object: class + box, or none) and landmark datasets.
+
+Localization sources: a CSV with a header (``image, class, x1, y1, x2, y2`` in pixels; ``xmin/ymin/
+xmax/ymax`` and ``path/label`` spellings too; an empty class or box, or ``none``, means no object), a
+JSON list of ``{"image", "class", "box": [x1, y1, x2, y2]}``, an ultralytics-style YOLO set (the
+largest box of each label file), or Pascal VOC (the largest object of each XML). Landmark sources: a
+CSV ``image, x0, y0, x1, y1, ...`` with a header (the 68-point face layout works as is; empty,
+NaN or negative coordinates mark a point invisible) or a JSON list of ``{"image", "points",
+"visible"}``. Paths inside annotation files resolve relative to the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cnnkit.data.images import is_image, read_image
+from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.errors import DataError
+from cnnkit.io import load_yaml
+
+log = logging.getLogger(__name__)
+NO_OBJECT = {"", "none", "background", "null", "-"}
+_IMAGE_COLS = ("image", "path", "filename", "file", "image_path", "img")
+_CLASS_COLS = ("class", "label", "category", "class_name")
+_BOX_COLS = (("x1", "y1", "x2", "y2"), ("xmin", "ymin", "xmax", "ymax"), ("left", "top", "right", "bottom"))
+
+
+@dataclass(frozen=True)
+class LocSample:
+    path: Path
+    label: str | None  # class name, or None: no object
+    box: tuple[float, float, float, float] | None  # xyxy pixels
+
+
+def read_localization_csv(path: str | os.PathLike[str]) -> list[LocSample]:
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        img_col = next((cols[c] for c in _IMAGE_COLS if c in cols), None)
+        cls_col = next((cols[c] for c in _CLASS_COLS if c in cols), None)
+        box_cols = next(
+            (tuple(cols[c] for c in names) for names in _BOX_COLS if all(c in cols for c in names)), None
+        )
+        if img_col is None or box_cols is None:
+            raise DataError(
+                f"{path}: header must name an image column and box columns x1,y1,x2,y2 (or xmin...), "
+                f"got {reader.fieldnames}"
+            )
+        samples = []
+        for lineno, row in enumerate(reader, start=2):
+            label = (row.get(cls_col) or "").strip() if cls_col else "object"
+            coords = [(row.get(c) or "").strip() for c in box_cols]
+            if label.lower() in NO_OBJECT or not any(coords):
+                samples.append(LocSample(path.parent / row[img_col].strip(), None, None))
+                continue
+            try:
+                x1, y1, x2, y2 = (float(c) for c in coords)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: box {coords} is not four numbers") from None
+            if x2 <= x1 or y2 <= y1:
+                raise DataError(f"{path}:{lineno}: empty box {coords} (need x2 > x1 and y2 > y1)")
+            samples.append(LocSample(path.parent / row[img_col].strip(), label, (x1, y1, x2, y2)))
+    return samples
+
+
+def read_localization_json(path: str | os.PathLike[str]) -> list[LocSample]:
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read JSON ({exc})") from None
+    samples = []
+    for i, item in enumerate(items):
+        label = item.get("class")
+        box = item.get("box")
+        if label is None or str(label).lower() in NO_OBJECT or not box:
+            samples.append(LocSample(path.parent / item["image"], None, None))
+        elif len(box) != 4:
+            raise DataError(f"{path}: item {i}: box must be [x1, y1, x2, y2], got {box}")
+        else:
+            samples.append(LocSample(path.parent / item["image"], str(label), tuple(float(v) for v in box)))  # type: ignore[arg-type]
+    return samples
+
+
+def _largest(
+    boxes: list[tuple[str, tuple[float, float, float, float]]],
+) -> tuple[str, tuple[float, float, float, float]]:
+    return max(boxes, key=lambda b: (b[1][2] - b[1][0]) * (b[1][3] - b[1][1]))
+
+
+def read_yolo_single(image_dir: Path, names: Sequence[str]) -> list[LocSample]:
+    """Images and ``labels/`` (``cls cx cy w h`` normalised): the largest box per image, or no object."""
+    from PIL import Image
+
+    label_dir = Path(str(image_dir).replace(f"{os.sep}images", f"{os.sep}labels"))
+    samples = []
+    for img in sorted(p for p in image_dir.rglob("*") if is_image(p)):
+        label_file = label_dir / img.relative_to(image_dir).with_suffix(".txt")
+        lines = (
+            [ln.split() for ln in label_file.read_text().splitlines() if ln.strip()]
+            if label_file.exists()
+            else []
+        )
+        if not lines:
+            samples.append(LocSample(img, None, None))
+            continue
+        with Image.open(img) as im:
+            w, h = im.size
+        boxes = []
+        for lineno, parts in enumerate(lines, start=1):
+            if len(parts) < 5:
+                raise DataError(f"{label_file}:{lineno}: expected 'class cx cy w h', got {' '.join(parts)!r}")
+            c, cx, cy, bw, bh = int(parts[0]), *(float(v) for v in parts[1:5])
+            if not 0 <= c < len(names):
+                raise DataError(f"{label_file}:{lineno}: class {c} is not among the {len(names)} names")
+            boxes.append(
+                (names[c], ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+            )
+        label, box = _largest(boxes)
+        samples.append(LocSample(img, label, box))
+    return samples
+
+
+def read_voc_single(root: Path, ids: Sequence[str] | None = None) -> list[LocSample]:
+    """Pascal VOC ``Annotations/*.xml``: the largest object of each image."""
+    samples = []
+    xmls = (
+        sorted((root / "Annotations").glob("*.xml"))
+        if ids is None
+        else [root / "Annotations" / f"{i}.xml" for i in ids]
+    )
+    for xml in xmls:
+        try:
+            tree = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as exc:
+            raise DataError(f"{xml}: cannot parse ({exc})") from None
+        image = root / "JPEGImages" / (tree.findtext("filename") or f"{xml.stem}.jpg")
+        boxes = []
+        for obj in tree.iter("object"):
+            bb = obj.find("bndbox")
+            if bb is None:
+                continue
+            box = tuple(float(bb.findtext(k) or "nan") for k in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append((obj.findtext("name") or "object", box))
+        samples.append(LocSample(image, *_largest(boxes)) if boxes else LocSample(image, None, None))  # type: ignore[arg-type]
+    return samples
+
+
+def read_localization(
+    source: str | os.PathLike[str],
+) -> tuple[list[LocSample], list[LocSample] | None, list[str] | None]:
+    """``(samples, val samples or None, class names or None)`` from a CSV, JSON, YOLO or VOC source."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".csv":
+        return read_localization_csv(source), None, None
+    if source.is_file() and source.suffix == ".json":
+        return read_localization_json(source), None, None
+    if source.is_dir():
+        if (source / "train.csv").is_file():
+            val = source / "val.csv"
+            return (
+                read_localization_csv(source / "train.csv"),
+                read_localization_csv(val) if val.is_file() else None,
+                None,
+            )
+        if (source / "data.yaml").is_file():
+            cfg = load_yaml(source / "data.yaml")
+            base = source / str(cfg.get("path", "."))
+            names = cfg["names"]
+            names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+            train = read_yolo_single(base / cfg["train"], names)
+            val = read_yolo_single(base / cfg["val"], names) if cfg.get("val") else None
+            return train, val, names
+        if (source / "Annotations").is_dir():
+            sets = source / "ImageSets" / "Main"
+            if (sets / "train.txt").is_file() and (sets / "val.txt").is_file():
+                ids = [(sets / f).read_text().split() for f in ("train.txt", "val.txt")]
+                return read_voc_single(source, ids[0]), read_voc_single(source, ids[1]), None
+            return read_voc_single(source), None, None
+    raise DataError(
+        f"{source}: expected a localization CSV/JSON, a folder with train.csv, a YOLO data.yaml or VOC"
+    )
+
+
+def _normalize() -> list[torch.nn.Module]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+class LocalizationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``(image [3, S, S], target [6])``: target ``(object, b_x, b_y, b_h, b_w, class)``, box normalised."""
+
+    def __init__(
+        self, samples: Sequence[LocSample], class_names: Sequence[str], imgsz: int, train: bool
+    ) -> None:
+        self.samples = list(samples)
+        self.class_names = list(class_names)
+        self.index = {n: i for i, n in enumerate(class_names)}
+        unknown = sorted({s.label for s in samples if s.label is not None and s.label not in self.index})
+        if unknown:
+            raise DataError(f"classes {unknown} are not among {self.class_names}")
+        self.imgsz = imgsz
+        steps: list[torch.nn.Module] = [v2.Resize((imgsz, imgsz), antialias=True)]
+        if train:
+            steps += [
+                v2.RandomHorizontalFlip(0.5),
+                v2.RandomAffine(0, translate=(0.08, 0.08), scale=(0.9, 1.1)),
+                v2.ColorJitter(0.2, 0.2, 0.2),
+                v2.ClampBoundingBoxes(),
+            ]
+        self.transform = v2.Compose(steps + _normalize())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[index]
+        image = read_image(s.path)
+        h, w = image.shape[-2:]
+        box = s.box or (0.0, 0.0, 1.0, 1.0)
+        boxes = tv_tensors.BoundingBoxes(torch.tensor([box]), format="XYXY", canvas_size=(h, w))
+        img, boxes = self.transform(tv_tensors.Image(image), boxes)
+        x1, y1, x2, y2 = (boxes[0] / self.imgsz).tolist()
+        target = torch.zeros(6)
+        if s.label is not None and x2 > x1 and y2 > y1:
+            target[:] = torch.tensor(
+                [1.0, (x1 + x2) / 2, (y1 + y2) / 2, y2 - y1, x2 - x1, self.index[s.label]]
+            )
+        return img.as_subclass(torch.Tensor), target
+
+
+# ------------------------------------------------------------------------------------------- landmarks
+@dataclass(frozen=True)
+class PointSample:
+    path: Path
+    points: torch.Tensor  # [K, 2] pixels
+    visible: torch.Tensor  # [K] bool
+
+
+def _point(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        return math.nan
+    return v if v >= 0 else math.nan
+
+
+def read_landmarks_csv(path: str | os.PathLike[str]) -> list[PointSample]:
+    path = Path(path)
+    rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    if not rows:
+        raise DataError(f"{path}: empty file")
+    start = 0 if rows[0] and is_image(rows[0][0]) else 1  # a header row is detected and skipped
+    samples = []
+    n = None
+    for lineno, row in enumerate(rows[start:], start=start + 1):
+        if not row or not row[0].strip():
+            continue
+        values = row[1:]
+        if len(values) % 2 or not values:
+            raise DataError(f"{path}:{lineno}: expected image then x,y pairs, got {len(values)} coordinates")
+        if n is None:
+            n = len(values) // 2
+        elif len(values) // 2 != n:
+            raise DataError(f"{path}:{lineno}: {len(values) // 2} points, the first row has {n}")
+        pts = torch.tensor([_point(v) for v in values]).view(-1, 2)
+        vis = ~pts.isnan().any(1)
+        samples.append(PointSample(path.parent / row[0].strip(), torch.nan_to_num(pts, 0.0), vis))
+    return samples
+
+
+def read_landmarks_json(path: str | os.PathLike[str]) -> list[PointSample]:
+    path = Path(path)
+    items = json.loads(path.read_text())
+    samples = []
+    for item in items:
+        pts = torch.tensor(item["points"], dtype=torch.float32).view(-1, 2)
+        vis = torch.tensor(item.get("visible", [1] * len(pts)), dtype=torch.bool)
+        samples.append(PointSample(path.parent / item["image"], pts, vis & (pts >= 0).all(1)))
+    return samples
+
+
+def read_landmarks(
+    source: str | os.PathLike[str],
+) -> tuple[list[PointSample], list[PointSample] | None, dict[str, Any]]:
+    """``(samples, val samples or None, options)``; options (``flip_pairs``, ``norm_points``) come from a
+    ``data.yaml`` beside the annotations."""
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    options = load_yaml(folder / "data.yaml") if (folder / "data.yaml").is_file() else {}
+
+    def read(p: Path) -> list[PointSample]:
+        return read_landmarks_json(p) if p.suffix == ".json" else read_landmarks_csv(p)
+
+    if source.is_file():
+        return read(source), None, options
+    for ext in (".csv", ".json"):
+        if (source / f"train{ext}").is_file():
+            val = source / f"val{ext}"
+            return read(source / f"train{ext}"), read(val) if val.is_file() else None, options
+    raise DataError(f"{source}: expected a landmarks CSV/JSON or a folder with train.csv (and val.csv)")
+
+
+class LandmarkDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``(image [3, S, S], points [K, 2] normalised, visible [K])``.
+
+    Training augmentations move the points with the image (affine, flip); a horizontal flip also swaps
+    the indices in ``flip_pairs`` (left eye <-> right eye), so point order keeps its meaning. Points
+    that leave the image become invisible.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[PointSample],
+        imgsz: int,
+        train: bool,
+        flip_pairs: Sequence[Sequence[int]] = (),
+    ) -> None:
+        self.samples = list(samples)
+        self.imgsz = imgsz
+        self.train = train
+        self.num_points = len(samples[0].points) if samples else 0
+        perm = list(range(self.num_points))
+        for a, b in flip_pairs:
+            perm[a], perm[b] = b, a
+        self.flip_perm = torch.tensor(perm, dtype=torch.long)
+        self.resize = v2.Resize((imgsz, imgsz), antialias=True)
+        self.augment = v2.Compose(
+            [v2.RandomAffine(10, translate=(0.08, 0.08), scale=(0.9, 1.1)), v2.ColorJitter(0.2, 0.2, 0.2)]
+        )
+        self.normalize = v2.Compose(_normalize())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.samples[index]
+        image = read_image(s.path)
+        h, w = image.shape[-2:]
+        img, kp = self.resize(tv_tensors.Image(image), tv_tensors.KeyPoints(s.points, canvas_size=(h, w)))
+        visible = s.visible.clone()
+        if self.train:
+            img, kp = self.augment(img, kp)
+            if torch.rand(()) < 0.5:
+                img, kp = v2.functional.horizontal_flip(img), v2.functional.horizontal_flip(kp)
+                kp = tv_tensors.wrap(kp[self.flip_perm], like=kp)
+                visible = visible[self.flip_perm]
+        pts = kp.as_subclass(torch.Tensor) / self.imgsz
+        visible &= ((pts >= 0) & (pts <= 1)).all(1)
+        return self.normalize(img).as_subclass(torch.Tensor), pts, visible

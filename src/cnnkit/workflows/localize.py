@@ -1,0 +1,265 @@
+"""Localization and landmark verbs: ``train``, ``val``, ``predict`` (with drawn boxes and points)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from cnnkit.api import create_model
+from cnnkit.data.classify import split_dataset
+from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.localize import (
+    LandmarkDataset,
+    LocalizationDataset,
+    read_landmarks,
+    read_localization,
+)
+from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.device import select_device
+from cnnkit.engine.trainer import (
+    FitResult,
+    evaluate,
+    fit,
+    load_training_state,
+    make_loader,
+    new_run_dir,
+    seed_everything,
+)
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.ops.boxes import clip
+from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
+from cnnkit.weights import read_metadata
+
+log = logging.getLogger("cnnkit")
+
+
+def _split(
+    train: list[Any], val: list[Any] | None, fraction: float, seed: int
+) -> tuple[list[Any], list[Any]]:
+    if val is not None:
+        return train, val
+    tr, va = split_dataset(len(train), fraction, seed)
+    return [train[i] for i in tr], [train[i] for i in va]
+
+
+def _localization_sets(
+    data: str | os.PathLike[str], imgsz: int, fraction: float, seed: int, names: Sequence[str] | None = None
+) -> tuple[LocalizationDataset, LocalizationDataset, list[str]]:
+    train, val, found = read_localization(data)
+    train, val = _split(train, val, fraction, seed)
+    names = list(names or found or sorted({s.label for s in train if s.label is not None}))
+    if not names:
+        raise DataError(f"{data}: no image has an object; a localizer needs at least one class")
+    return (
+        LocalizationDataset(train, names, imgsz, True),
+        LocalizationDataset(val, names, imgsz, False),
+        names,
+    )
+
+
+def _landmark_sets(
+    data: str | os.PathLike[str],
+    imgsz: int,
+    fraction: float,
+    seed: int,
+    flip_pairs: Sequence[Sequence[int]] | None,
+) -> tuple[LandmarkDataset, LandmarkDataset, dict[str, Any]]:
+    train, val, options = read_landmarks(data)
+    train, val = _split(train, val, fraction, seed)
+    pairs = flip_pairs if flip_pairs is not None else options.get("flip_pairs", [])
+    options = {**options, "flip_pairs": [list(p) for p in pairs]}
+    return LandmarkDataset(train, imgsz, True, pairs), LandmarkDataset(val, imgsz, False, pairs), options
+
+
+def train(
+    task: str,
+    data: str | os.PathLike[str],
+    *,
+    backbone: str = "resnet18",
+    backbone_args: dict[str, Any] | None = None,
+    pretrained: str | os.PathLike[str] | None = None,
+    cfg: TrainConfig | None = None,
+    val_fraction: float = 0.2,
+    loss: LandmarkLoss = "smooth_l1",
+    flip_pairs: Sequence[Sequence[int]] | None = None,
+    norm_points: tuple[int, int] | None = None,
+    project: str | os.PathLike[str] = "runs",
+    name: str = "exp",
+    resume: str | os.PathLike[str] | None = None,
+) -> FitResult:
+    """Train a localizer (``task="localize"``) or a landmark regressor (``task="landmarks"``).
+
+    ``pretrained`` initialises the backbone (a classifier's weights: its head is dropped).
+    """
+    if resume is not None:
+        return _resume(resume)
+    cfg = cfg or TrainConfig()
+    seed_everything(cfg.seed)
+    common = {
+        "backbone": backbone,
+        "backbone_args": backbone_args,
+        "backbone_weights": None if pretrained is None else str(pretrained),
+    }
+    meta: dict[str, Any] = {
+        "task": task,
+        "imgsz": cfg.imgsz,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "data": str(data),
+        "val_fraction": val_fraction,
+        "train_config": cfg.to_dict(),
+    }
+    if task == "localize":
+        train_set, val_set, names = _localization_sets(data, cfg.imgsz, val_fraction, cfg.seed)
+        net = create_model("localizer", num_classes=len(names), **common)
+        meta["class_names"] = names
+        the_task: Any = LocalizationTask(len(names))
+    elif task == "landmarks":
+        train_set, val_set, options = _landmark_sets(data, cfg.imgsz, val_fraction, cfg.seed, flip_pairs)
+        net = create_model("landmarker", num_points=train_set.num_points, **common)
+        norm = norm_points or options.get("norm_points")
+        meta.update(
+            flip_pairs=options["flip_pairs"], norm_points=norm, loss=loss, num_points=train_set.num_points
+        )
+        the_task = LandmarkTask(train_set.num_points, loss, cfg.imgsz, tuple(norm) if norm else None)
+    else:
+        raise CnnkitError(f"task must be 'localize' or 'landmarks', got {task!r}")
+    config = net.cnnkit_config
+    config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
+    meta["model_config"] = config
+    run_dir = new_run_dir(project, task, name)
+    return fit(the_task, net, train_set, val_set, cfg, run_dir, metadata=meta)
+
+
+def _task_and_sets(meta: dict[str, Any], cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    if meta["task"] == "localize":
+        tr, va, names = _localization_sets(
+            meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["class_names"]
+        )
+        return LocalizationTask(len(names)), tr, va
+    tr, va, _ = _landmark_sets(meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["flip_pairs"])
+    norm = meta.get("norm_points")
+    return LandmarkTask(tr.num_points, meta["loss"], cfg.imgsz, tuple(norm) if norm else None), tr, va
+
+
+def _resume(resume: str | os.PathLike[str]) -> FitResult:
+    path = Path(resume)
+    last = path / "weights" / "last.pt" if path.is_dir() else path
+    meta = load_training_state(last)["metadata"]
+    cfg = TrainConfig(**meta["train_config"])
+    task, tr, va = _task_and_sets(meta, cfg)
+    net = create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+    return fit(task, net, tr, va, cfg, last.parent.parent, resume=last, metadata=meta)
+
+
+def load(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
+    meta = read_metadata(weights)
+    if meta.get("task") != task:
+        raise CnnkitError(f"{weights} is not a cnnkit {task} model (task: {meta.get('task')})")
+    return create_model(None, weights=weights).eval(), meta
+
+
+def val(
+    weights: str | os.PathLike[str],
+    task: str,
+    data: str | os.PathLike[str] | None = None,
+    *,
+    batch: int = 32,
+    device: str = "auto",
+    workers: int = 2,
+) -> dict[str, float]:
+    """Metrics on the validation split of ``data`` (default: the training data's)."""
+    model, meta = load(weights, task)
+    cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
+    the_task, _, val_set = _task_and_sets({**meta, "data": str(data or meta["data"])}, cfg)
+    dev = select_device(device)
+    model.to(dev)
+    loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev)
+    metrics, _ = evaluate(the_task, model, loader, dev, None, progress=True)
+    return metrics
+
+
+@dataclass(frozen=True)
+class LocPrediction:
+    path: str
+    object_prob: float
+    label: str | None
+    class_prob: float
+    box: tuple[float, float, float, float] | None  # xyxy pixels of the original image
+    points: list[tuple[float, float]] | None  # landmarks, pixels of the original image
+    drawn: str | None
+
+
+@torch.inference_mode()
+def predict(
+    weights: str | os.PathLike[str],
+    task: str,
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    threshold: float = 0.5,
+    device: str = "auto",
+) -> Iterator[LocPrediction]:
+    """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""
+    model, meta = load(weights, task)
+    dev = select_device(device)
+    model.to(dev)
+    imgsz = int(meta["imgsz"])
+    mean, std = torch.tensor(meta["mean"]).view(3, 1, 1), torch.tensor(meta["std"]).view(3, 1, 1)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for path in iter_images(sources):
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        h, w = image.shape[-2:]
+        x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
+        y = model(((x - mean) / std).to(dev)).float().cpu()
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        if task == "localize":
+            p_obj = float(y[0, 0].sigmoid())
+            probs = y[0, 5:].softmax(0)
+            c = int(probs.argmax())
+            found = p_obj >= threshold
+            box = tuple(clip(loc_boxes_xyxy(y)[0] * scale, h, w).tolist()) if found else None
+            label, points = (meta["class_names"][c] if found else None), None
+            pred = LocPrediction(str(path), p_obj, label, float(probs[c]), box, None, None)  # type: ignore[arg-type]
+        else:
+            points = [(float(px * w), float(py * h)) for px, py in y[0].tolist()]
+            pred = LocPrediction(str(path), 1.0, None, 1.0, None, points, None)
+        if out_dir is not None:
+            drawn = out_dir / f"{path.stem}.png"
+            draw_prediction(image, pred, drawn)
+            pred = LocPrediction(
+                pred.path, pred.object_prob, pred.label, pred.class_prob, pred.box, pred.points, str(drawn)
+            )
+        yield pred
+
+
+def draw_prediction(image: torch.Tensor, pred: LocPrediction, path: Path) -> None:
+    """Draw the box (with class and probabilities) and the landmarks over ``image [3, H, W] uint8``."""
+    img = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(img)
+    if pred.box is not None:
+        draw.rectangle(pred.box, outline=(255, 64, 64), width=max(1, img.width // 100))
+        draw.text(
+            (pred.box[0] + 2, pred.box[1] + 1), f"{pred.label} {pred.class_prob:.2f}", fill=(255, 255, 0)
+        )
+    for i, (px, py) in enumerate(pred.points or []):
+        r = max(1.5, img.width / 80)
+        draw.ellipse((px - r, py - r, px + r, py + r), fill=(64, 255, 64))
+        draw.text((px + r, py - r), str(i), fill=(255, 255, 255))
+    img.save(path)
