@@ -124,10 +124,7 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: in
                 arithmetic.conv_output_size(int(n), k[i], p[i], s[i], d[i], ceil)
                 for i, n in enumerate(inp.shape[-2:])
             )
-            if expected != tuple(output.shape[-2:]):
-                raise AssertionError(
-                    f"{name}: formula gives {expected}, forward gave {tuple(output.shape[-2:])}"
-                )
+            _check_shape(name, expected, output)
             kernel, stride, padding = f"{k[0]}x{k[1]}", _fmt(s), _fmt(p)
             if rf_in is not None:
                 rf_out = (
@@ -141,10 +138,7 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: in
                 arithmetic.conv_transpose_output_size(int(n), k[i], p[i], s[i], op[i], d[i])
                 for i, n in enumerate(inp.shape[-2:])
             )
-            if expected != tuple(output.shape[-2:]):
-                raise AssertionError(
-                    f"{name}: formula gives {expected}, forward gave {tuple(output.shape[-2:])}"
-                )
+            _check_shape(name, expected, output)
             kernel, stride, padding = f"{k[0]}x{k[1]}", _fmt(s), _fmt(p)
             if rf_in is not None:
                 rf_out = (rf_in[0] + (k[0] - 1) * rf_in[1] // s[0], max(rf_in[1] // s[0], 1))
@@ -192,6 +186,12 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: in
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(rows, tuple(x.shape[1:]), params, trainable, sum(r.macs for r in rows))
+
+
+def _check_shape(name: str, expected: tuple[int, ...], output: torch.Tensor) -> None:
+    """The formula's output size must be what the layer produced; a difference is a bug."""
+    if expected != tuple(output.shape[-2:]):
+        raise AssertionError(f"{name}: formula gives {expected}, forward gave {tuple(output.shape[-2:])}")
 
 
 def _macs(module: nn.Module, inp: torch.Tensor | None, out: torch.Tensor) -> int:

@@ -31,14 +31,13 @@ from cnnkit.engine.trainer import (
     FitResult,
     evaluate,
     fit,
-    load_training_state,
     make_loader,
     new_run_dir,
     seed_everything,
 )
-from cnnkit.errors import CnnkitError, DataError
+from cnnkit.errors import DataError
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
-from cnnkit.weights import read_metadata
+from cnnkit.workflows.common import load_task_model, rebuild_model, resume_point
 
 log = logging.getLogger("cnnkit")
 
@@ -228,12 +227,9 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
     """Rebuild a run from its ``last.pt`` (model, data, configuration) and continue it."""
-    path = Path(resume)
-    last = path / "weights" / "last.pt" if path.is_dir() else path
-    meta = load_training_state(last)["metadata"]
+    last, meta, cfg = resume_point(resume)
     stage = int(meta["stage"])
     run_dir = last.parent.parent if stage == 1 else last.parent.parent.parent
-    cfg = TrainConfig(**meta["train_config"])
     augment = AugmentConfig(**_tuples(meta["augment"]))
     train_samples, val_samples, class_names = resolve_splits(
         meta["data"], meta["val"], meta["val_fraction"], cfg.seed
@@ -248,22 +244,14 @@ def _resume(resume: str | os.PathLike[str]) -> FitResult:
     val_set = ClassificationDataset(
         val_samples, class_names, classify_eval_transform(cfg.imgsz, augment.crop_fraction)
     )
-    net = create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+    net = rebuild_model(meta)
     transfer = TransferConfig(**_tuples(meta["transfer"]))
     return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, start_stage=stage, resume=last)
 
 
 def load_classifier(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """A trained classifier and its metadata (class names, input size, normalisation)."""
-    meta = read_metadata(weights)
-    if "model" not in meta:
-        raise CnnkitError(
-            f"{weights} has no cnnkit metadata naming its model; load it with "
-            "cnnkit.create_model(NAME, weights=PATH) and classify with the model directly"
-        )
-    if meta.get("task") not in (None, "classify"):
-        raise CnnkitError(f"{weights} holds a {meta['task']} model, not a classifier")
-    return create_model(None, weights=weights).eval(), meta
+    return load_task_model(weights, "classify")
 
 
 def val(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -30,7 +29,6 @@ from cnnkit.engine.trainer import (
     FitResult,
     evaluate,
     fit,
-    load_training_state,
     make_loader,
     new_run_dir,
     seed_everything,
@@ -38,7 +36,7 @@ from cnnkit.engine.trainer import (
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.ops.boxes import clip
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
-from cnnkit.weights import read_metadata
+from cnnkit.workflows.common import load_task_model, preprocess, rebuild_model, resume_point
 
 log = logging.getLogger("cnnkit")
 
@@ -153,20 +151,14 @@ def _task_and_sets(meta: dict[str, Any], cfg: TrainConfig) -> tuple[Any, Any, An
 
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    path = Path(resume)
-    last = path / "weights" / "last.pt" if path.is_dir() else path
-    meta = load_training_state(last)["metadata"]
-    cfg = TrainConfig(**meta["train_config"])
+    last, meta, cfg = resume_point(resume)
     task, tr, va = _task_and_sets(meta, cfg)
-    net = create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+    net = rebuild_model(meta)
     return fit(task, net, tr, va, cfg, last.parent.parent, resume=last, metadata=meta)
 
 
 def load(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
-    meta = read_metadata(weights)
-    if meta.get("task") != task:
-        raise CnnkitError(f"{weights} is not a cnnkit {task} model (task: {meta.get('task')})")
-    return create_model(None, weights=weights).eval(), meta
+    return load_task_model(weights, task)
 
 
 def val(
@@ -215,7 +207,6 @@ def predict(
     dev = select_device(device)
     model.to(dev)
     imgsz = int(meta["imgsz"])
-    mean, std = torch.tensor(meta["mean"]).view(3, 1, 1), torch.tensor(meta["std"]).view(3, 1, 1)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +217,7 @@ def predict(
             log.warning("skipping %s", exc)
             continue
         h, w = image.shape[-2:]
-        x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
-        y = model(((x - mean) / std).to(dev)).float().cpu()
+        y = model(preprocess(image, imgsz, meta).to(dev)).float().cpu()
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         if task == "localize":
             p_obj = float(y[0, 0].sigmoid())

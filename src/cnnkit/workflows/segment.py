@@ -31,14 +31,13 @@ from cnnkit.engine.trainer import (
     FitResult,
     evaluate,
     fit,
-    load_training_state,
     make_loader,
     new_run_dir,
     seed_everything,
 )
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
-from cnnkit.weights import read_metadata
+from cnnkit.workflows.common import load_task_model, preprocess, rebuild_model, resume_point
 
 log = logging.getLogger("cnnkit")
 
@@ -128,24 +127,18 @@ def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> Segm
 
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    path = Path(resume)
-    last = path / "weights" / "last.pt" if path.is_dir() else path
-    meta = load_training_state(last)["metadata"]
-    cfg = TrainConfig(**meta["train_config"])
+    last, meta, cfg = resume_point(resume)
     opts = SegmentOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()})
     train_set, val_set, names, spec = _datasets(
         meta["data"], cfg, opts, meta["val_fraction"], meta["class_names"]
     )
-    net = create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+    net = rebuild_model(meta)
     task = _task(names, spec.ignore_index, opts)
     return fit(task, net, train_set, val_set, cfg, last.parent.parent, resume=last, metadata=meta)
 
 
 def load_segmenter(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    meta = read_metadata(weights)
-    if meta.get("task") != "segment":
-        raise CnnkitError(f"{weights} is not a cnnkit segmentation model (task: {meta.get('task')})")
-    return create_model(None, weights=weights).eval(), meta
+    return load_task_model(weights, "segment")
 
 
 def val(
@@ -195,8 +188,6 @@ def predict(
     dev = select_device(device)
     model.to(dev)
     imgsz = int(meta["imgsz"])
-    mean = torch.tensor(meta["mean"]).view(3, 1, 1)
-    std = torch.tensor(meta["std"]).view(3, 1, 1)
     cmap = color_map(256)
     dtype = amp_dtype("auto", dev)
     out_dir = Path(out) if out is not None else None
@@ -210,8 +201,7 @@ def predict(
             log.warning("skipping %s", exc)
             continue
         h, w = image.shape[-2:]
-        x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
-        x = ((x - mean) / std).to(dev)
+        x = preprocess(image, imgsz, meta).to(dev)
         with autocast(dev, dtype):
             logits = model(x).float()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)

@@ -1,0 +1,52 @@
+"""Pieces every task's verbs share: loading a trained model by task, resuming a run, preprocessing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.api import create_model
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.trainer import load_training_state
+from cnnkit.errors import CnnkitError
+from cnnkit.weights import read_metadata
+
+
+def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model in eval mode and its metadata; refuses weights of another task."""
+    meta = read_metadata(weights)
+    if "model" not in meta:
+        raise CnnkitError(
+            f"{weights} has no cnnkit metadata naming its model; load it with "
+            "cnnkit.create_model(NAME, weights=PATH) and use the model directly"
+        )
+    found = meta.get("task")
+    if found != task and not (found is None and task == "classify"):  # plain saved classifiers have no task
+        raise CnnkitError(f"{weights} holds a {found or 'plain'} model, not a {task} model")
+    return create_model(None, weights=weights).eval(), meta
+
+
+def resume_point(resume: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], TrainConfig]:
+    """``(last.pt path, run metadata, training config)`` of a run directory or its ``weights/last.pt``."""
+    path = Path(resume)
+    last = path / "weights" / "last.pt" if path.is_dir() else path
+    meta = load_training_state(last)["metadata"]
+    return last, meta, TrainConfig(**meta["train_config"])
+
+
+def rebuild_model(meta: dict[str, Any]) -> nn.Module:
+    """The run's model, built as it was (weights come from the checkpoint)."""
+    return create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
+
+
+def preprocess(image: torch.Tensor, imgsz: int, meta: dict[str, Any]) -> torch.Tensor:
+    """``[3, H, W] uint8 -> [1, 3, imgsz, imgsz]`` float, resized and normalised as in training."""
+    mean = torch.tensor(meta["mean"]).view(3, 1, 1)
+    std = torch.tensor(meta["std"]).view(3, 1, 1)
+    x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
+    return (x - mean) / std
