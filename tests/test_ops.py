@@ -43,8 +43,13 @@ def test_iou_family_equals_torchvision(seed: int) -> None:
     a, b = random_boxes(30, seed), random_boxes(30, seed + 100)
     degenerate = torch.tensor([[5.0, 5.0, 5.0, 9.0], [0, 0, 10, 10], [0, 0, 10, 10], [2, 2, 4, 4]])
     a = torch.cat([a, degenerate, torch.tensor([[0.0, 0, 10, 10]])])
-    b = torch.cat([b, torch.tensor([[5.0, 5.0, 5.0, 9.0], [0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 10, 10]]),
-                   torch.tensor([[3.0, 3, 4, 4]])])  # fmt: skip
+    b = torch.cat(
+        [
+            b,
+            torch.tensor([[5.0, 5.0, 5.0, 9.0], [0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 10, 10]]),
+            torch.tensor([[3.0, 3, 4, 4]]),
+        ]
+    )
     expected = tvo.box_iou(a, b).nan_to_num(0.0)  # torchvision: 0/0 = NaN for two empty boxes; cnnkit: 0
     torch.testing.assert_close(ops.box_iou(a, b), expected)
     torch.testing.assert_close(ops.elementwise_iou(a, b), expected.diag())
@@ -81,3 +86,55 @@ def test_soft_nms_decays_instead_of_dropping() -> None:
     keep_g, _ = ops.soft_nms(boxes, scores, method="gaussian", sigma=0.5)
     assert set(keep_g.tolist()) == {0, 1, 2}
     assert ops.nms(boxes, scores, 0.5).tolist() == [0, 2]
+
+
+VOC_ANCHORS = torch.tensor(
+    [[1.3221, 1.73145], [3.19275, 4.00944], [5.05587, 8.09892], [9.47112, 4.84053], [11.2364, 10.0071]]
+)
+
+
+def test_yolo_encode_then_decode_gives_the_boxes_back() -> None:
+    from cnnkit.ops.yolo import decode, encode
+
+    boxes = torch.tensor([[0.31, 0.42, 0.2, 0.3], [0.77, 0.18, 0.5, 0.25], [0.05, 0.93, 0.08, 0.1]])
+    labels = torch.tensor([3, 0, 7])
+    enc = encode(boxes, labels, VOC_ANCHORS, 13)
+    assert enc.collisions == 0 and int((enc.target[..., 4] > 0).sum()) == 3
+    raw = torch.cat([enc.target[..., :4], torch.full_like(enc.target[..., :1], 20.0)], -1)[None]
+    decoded = decode(raw, VOC_ANCHORS)[0]
+    cells = enc.target[..., 4] > 0
+    got = decoded[cells][:, :4]
+    order = [int(i) for i in enc.labels[cells].argsort()]
+    expected = boxes[labels.argsort()]
+    torch.testing.assert_close(got[order], expected, atol=1e-5, rtol=0)
+    # the object sits in the cell holding its centre, on the anchor of the most similar shape
+    gy, gx, a = (int(v) for v in (enc.labels == 3).nonzero()[0])
+    assert (gx, gy) == (int(0.31 * 13), int(0.42 * 13))
+    assert a == int(shape_iou_best(boxes[0, 2:] * 13))
+
+
+def shape_iou_best(wh: torch.Tensor) -> torch.Tensor:
+    from cnnkit.ops.yolo import shape_iou
+
+    return shape_iou(wh[None], VOC_ANCHORS).argmax()
+
+
+def test_two_objects_on_one_cell_and_anchor_collide() -> None:
+    from cnnkit.ops.yolo import encode
+
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.51, 0.52, 0.21, 0.19]])
+    enc = encode(boxes, torch.tensor([1, 2]), VOC_ANCHORS, 13)
+    assert enc.collisions == 1 and int((enc.labels >= 0).sum()) == 1
+
+
+def test_anchor_kmeans_finds_the_clusters() -> None:
+    from cnnkit.ops.yolo import kmeans_anchors
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.tensor([[1.0, 1.0], [3.0, 6.0], [8.0, 3.0]])
+    wh = torch.cat([c * (1 + 0.05 * torch.randn(200, 2, generator=g)) for c in true])
+    fit = kmeans_anchors(wh, 3, seed=0)
+    torch.testing.assert_close(fit.anchors, true, atol=0.15, rtol=0.05)
+    assert fit.mean_iou > 0.85
+    assert torch.equal(kmeans_anchors(wh, 3, seed=0).anchors, fit.anchors)  # seeded
+    assert kmeans_anchors(wh, 1, seed=0).mean_iou < fit.mean_iou
