@@ -261,6 +261,7 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
         "segment": lambda: builtin.write_segmentation(args.out, seed=args.seed),
         "localize": lambda: builtin.write_localization(args.out, seed=args.seed),
         "landmarks": lambda: builtin.write_landmarks(args.out, seed=args.seed),
+        "detect": lambda: builtin.write_detection(args.out, seed=args.seed),
     }
     out = writers[args.task]()
     print(f"wrote {args.task} data to {out}", file=sys.stderr)
@@ -387,7 +388,9 @@ def add_commands(sub: Any) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
     p.add_argument("name", choices=["digits"])
-    p.add_argument("--task", choices=["classify", "segment", "localize", "landmarks"], default="classify")
+    p.add_argument(
+        "--task", choices=["classify", "segment", "localize", "landmarks", "detect"], default="classify"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N digits")

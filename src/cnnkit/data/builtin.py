@@ -6,10 +6,12 @@ background: gradients, noise and colours differ per image, and image sizes vary,
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -258,4 +260,59 @@ def write_landmarks(
             rows.append(name + "," + ",".join(f"{x:.2f},{y:.2f}" for x, y in pts))
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     (root / "data.yaml").write_text("# kites: vertices top, right, bottom, left\nflip_pairs: [[1, 3]]\n")
+    return root
+
+
+def write_detection(
+    out: str | os.PathLike[str],
+    *,
+    n_train: int = 600,
+    n_val: int = 150,
+    size_range: tuple[int, int] = (64, 96),
+    seed: int = 0,
+) -> Path:
+    """Write a detection set of digit scenes (1-3 digits at random positions and scales) in two formats:
+    ultralytics YOLO (``images/{split}``, ``labels/{split}`` with ``class cx cy w h``, ``data.yaml``) and
+    COCO (``annotations/instances_{split}.json`` over the same images). Boxes are the glyphs' tight boxes."""
+    rng = np.random.default_rng(seed)
+    images, labels = load_digits_arrays()
+    root = Path(out)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(DIGIT_NAMES)]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
+        for k in range(n):
+            h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+            canvas, placed = place_digits(images, labels, rng, (h, w), count=(1, 3), glyph_range=(18, 40))
+            name = f"{k:05d}.png"
+            Image.fromarray(canvas).save(root / "images" / split / name)
+            coco["images"].append(
+                {"id": k + 1, "file_name": f"images/{split}/{name}", "height": h, "width": w}
+            )
+            lines = []
+            for glyph, y, x in placed:
+                ys, xs = np.nonzero(glyph.mask)
+                x1, y1, x2, y2 = x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1
+                lines.append(
+                    f"{glyph.label} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+                    f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
+                )
+                coco["annotations"].append(
+                    {
+                        "id": len(coco["annotations"]) + 1,
+                        "image_id": k + 1,
+                        "category_id": glyph.label + 1,
+                        "bbox": [int(x1), int(y1), int(x2 - x1), int(y2 - y1)],
+                        "area": int((x2 - x1) * (y2 - y1)),
+                        "iscrowd": 0,
+                    }
+                )
+            (root / "labels" / split / f"{k:05d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    (root / "data.yaml").write_text(
+        "# built-in digit detection (cnnkit data builtin digits --task detect)\n"
+        f"path: .\ntrain: images/train\nval: images/val\nnames: {list(DIGIT_NAMES)}\n"
+    )
     return root
