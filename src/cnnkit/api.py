@@ -75,7 +75,7 @@ def create_model(
         if "unexpected keyword" not in str(exc):
             raise
         raise CnnkitError(f"{name}: {exc}; see help(cnnkit.models) for the builder's arguments") from None
-    model.cnnkit_config = {"name": name, "args": _jsonable(args)}
+    model.cnnkit_config = {"name": name, "args": _jsonable(args)}  # type: ignore[assignment]
     if path is not None:
         load_weights(model, path)
     if features_only:

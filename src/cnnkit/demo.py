@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cnnkit.api import create_model
 from cnnkit.summary import summarize
@@ -27,7 +28,8 @@ def zoo_table(names: Sequence[str] = DEMO_ZOO) -> str:
     """Parameters, multiply-adds and receptive field of each model at its default input size."""
     lines = [f"{'model':<18} {'input':>7} {'params':>13} {'MACs':>9} {'RF':>6}"]
     for name in names:
-        model = create_model(name, **({"aux_logits": False} if name == "googlenet" else {}))
+        extra: dict[str, Any] = {"aux_logits": False} if name == "googlenet" else {}
+        model = create_model(name, **extra)
         size = getattr(model, "default_imgsz", 224)
         s = summarize(model, size)
         rf = max(r.receptive_field or 0 for r in s.rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ def _linear_to_conv(fc: nn.Linear, channels: int, kh: int, kw: int) -> nn.Conv2d
     conv = nn.Conv2d(channels, fc.out_features, (kh, kw), bias=fc.bias is not None)
     with torch.no_grad():
         conv.weight.copy_(fc.weight.view(fc.out_features, channels, kh, kw))
-        if fc.bias is not None:
+        if fc.bias is not None and conv.bias is not None:
             conv.bias.copy_(fc.bias)
     return conv.to(fc.weight.device)
 
@@ -111,8 +112,8 @@ def to_fully_convolutional(
         fmap = features(probe)
         c, fh, fw = fmap.shape[1:]
         head_layers: list[nn.Module] = []
-        pool = model.head.pool.output_size
-        p = pool if isinstance(pool, int) else pool[0]
+        pool: Any = model.head.pool.output_size
+        p = int(pool if isinstance(pool, int) else pool[0])
         if p == 1:  # global average pooling over the window's f x f map
             head_layers.append(nn.AvgPool2d((fh, fw), stride=1))
             kh = kw = 1
@@ -202,8 +203,8 @@ def save_heatmap(
     from PIL import Image
 
     top = score_map.max(0).values[None, None].float()
-    top = torch.nn.functional.interpolate(top, size=image.shape[-2:], mode="nearest")[0, 0].cpu().numpy()
-    heat = colormaps["jet"](top)[..., :3] * 255
+    top_map = torch.nn.functional.interpolate(top, size=image.shape[-2:], mode="nearest")[0, 0].cpu().numpy()
+    heat = np.asarray(colormaps["jet"](top_map))[..., :3] * 255
     rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

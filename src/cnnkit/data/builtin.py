@@ -48,7 +48,7 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def render_glyph(digit: np.ndarray, label: int, size: int, rng: np.random.Generator, bg: np.ndarray) -> Glyph:
     """Upsample an 8x8 digit to ``size`` px (bilinear) and colour it against the local background."""
-    img = Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    img = Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
     alpha = np.asarray(img, dtype=np.float32) / 255.0
     # A light glyph of random hue on the (darker) background, so it always stands out.
     colour = rng.uniform(150, 255, 3)
@@ -208,6 +208,7 @@ def write_localization(
         for k in range(n):
             h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
             name = f"images/{split}/{k:05d}.png"
+            placed: list[tuple[Glyph, int, int]]
             if rng.random() < empty_fraction:
                 canvas, placed = np.clip(background(rng, h, w), 0, 255).astype(np.uint8), []
             else:

@@ -58,9 +58,8 @@ def _read_torchvision(path: Path) -> torch.Tensor:
 
 def _read_pillow(path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            arr = _to_rgb_array(im)
+        with Image.open(path) as raw:
+            arr = _to_rgb_array(ImageOps.exif_transpose(raw))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

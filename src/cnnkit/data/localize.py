@@ -184,8 +184,8 @@ def read_localization(
             names = cfg["names"]
             names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
             train = read_yolo_single(base / cfg["train"], names)
-            val = read_yolo_single(base / cfg["val"], names) if cfg.get("val") else None
-            return train, val, names
+            val_samples = read_yolo_single(base / cfg["val"], names) if cfg.get("val") else None
+            return train, val_samples, names
         if (source / "Annotations").is_dir():
             sets = source / "ImageSets" / "Main"
             if (sets / "train.txt").is_file() and (sets / "val.txt").is_file():

@@ -27,11 +27,13 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     stages = getattr(model, "stages", None)
     if stages is None:
         raise CnnkitError(f"{type(model).__name__} has no stages; freeze it by module names instead")
-    blocks: list[tuple[str, nn.Module]] = [("stem", model.stem)]
+    stem, final = model.stem, model.final
+    assert isinstance(stem, nn.Module) and isinstance(final, nn.Module)
+    blocks: list[tuple[str, nn.Module]] = [("stem", stem)]
     for i, stage in enumerate(stages):
         children = list(stage.named_children())
         blocks += [(f"stages.{i}.{n}", m) for n, m in children] if children else [(f"stages.{i}", stage)]
-    blocks.append(("final", model.final))
+    blocks.append(("final", final))
     return [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
 
 
@@ -59,7 +61,8 @@ def freeze_base(
     if unknown:
         raise CnnkitError(f"unknown layer names {unknown}; the base's blocks are {names}")
     cut = len(blocks) - unfreeze_last
-    frozen, kept = [], []
+    frozen: list[str] = []
+    kept: list[str] = []
     for i, (name, block) in enumerate(blocks):
         keep = i >= cut or any(name == t or name.startswith(t + ".") for t in trainable)
         # Every BatchNorm of the base stays in inference mode, as in the Keras fine-tuning recipe.

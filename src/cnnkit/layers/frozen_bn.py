@@ -9,6 +9,9 @@ from torch import nn
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d that always uses its running statistics; its affine parameters may still train."""
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps

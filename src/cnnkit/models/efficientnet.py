@@ -100,7 +100,7 @@ class EfficientNet(ConvNet):
         self.stem = ConvNormAct(in_chans, in_ch, 3, 2, norm=norm, act=nn.SiLU)
         repeats = [math.ceil(row.repeats * scaling.depth) for row in table]
         total = sum(repeats)
-        stages = []
+        stages: list[nn.Sequential] = []
         self.feature_info = []
         reduction, block_id = 2, 0
         for row, n in zip(table, repeats):

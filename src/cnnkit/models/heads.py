@@ -8,13 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.errors import CnnkitError
+from cnnkit.models.base import ConvNet
 from cnnkit.registry import register_model
 
 
-def _backbone(name: str, args: dict[str, Any] | None, weights: str | None, in_chans: int) -> nn.Module:
+def _backbone(name: str, args: dict[str, Any] | None, weights: str | None, in_chans: int) -> ConvNet:
     from cnnkit.api import create_model
 
-    return create_model(name, num_classes=0, in_chans=in_chans, weights=weights, **(args or {}))
+    model = create_model(name, num_classes=0, in_chans=in_chans, weights=weights, **(args or {}))
+    if not isinstance(model, ConvNet):
+        raise CnnkitError(f"{name} is not a classifier backbone (see cnnkit.list_models())")
+    return model
 
 
 class Localizer(nn.Module):

@@ -106,7 +106,7 @@ class MobileNetV2(ConvNet):
         in_ch = make_divisible(32 * width)
         last_ch = make_divisible(1280 * max(1.0, width))
         self.stem = ConvNormAct(in_chans, in_ch, 3, 2, act=nn.ReLU6)
-        blocks = []
+        blocks: list[tuple[nn.Module, int, int]] = []
         total = sum(s.repeats for s in table)
         for row in table:
             out_ch = make_divisible(row.channels * width)

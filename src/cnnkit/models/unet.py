@@ -20,6 +20,7 @@ from torch import nn
 from cnnkit import arithmetic
 from cnnkit.errors import CnnkitError
 from cnnkit.layers import ConvNormAct
+from cnnkit.models.base import FeatureInfo
 from cnnkit.registry import register_model
 
 Upsample = Literal["transposed", "bilinear", "nearest"]
@@ -271,8 +272,8 @@ class EncoderUNet(nn.Module):
         self.encoder = create_model(
             encoder, in_chans=in_chans, weights=encoder_weights, features_only=True, **(encoder_args or {})
         )
-        info = self.encoder.feature_info
-        self.stride = info[-1].stride
+        info: list[FeatureInfo] = list(self.encoder.feature_info)  # type: ignore[arg-type]
+        self.total_stride = info[-1].stride
         extra = info[0].stride.bit_length() - 1  # up-samplings below the shallowest stage
         steps = len(info) - 1 + extra
         chans = list(decoder_channels)
@@ -293,7 +294,7 @@ class EncoderUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % self.stride, (-w) % self.stride
+        ph, pw = (-h) % self.total_stride, (-w) % self.total_stride
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
         feats = self.encoder(x)

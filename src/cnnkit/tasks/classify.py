@@ -149,7 +149,7 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Sequence[st
                     ax.text(
                         j,
                         i,
-                        int(cm[i, j]),
+                        str(int(cm[i, j])),
                         ha="center",
                         va="center",
                         fontsize=8,

@@ -309,7 +309,7 @@ def predict(
     model, meta = load_classifier(weights)
     dev = select_device(device)
     model.to(dev)
-    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
     dtype = amp_dtype("auto", dev)
     k = min(topk, len(names))

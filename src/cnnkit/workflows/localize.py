@@ -103,7 +103,7 @@ def train(
         return _resume(resume)
     cfg = cfg or TrainConfig()
     seed_everything(cfg.seed)
-    common = {
+    common: dict[str, Any] = {
         "backbone": backbone,
         "backbone_args": backbone_args,
         "backbone_weights": None if pretrained is None else str(pretrained),
@@ -117,6 +117,8 @@ def train(
         "val_fraction": val_fraction,
         "train_config": cfg.to_dict(),
     }
+    train_set: Any
+    val_set: Any
     if task == "localize":
         train_set, val_set, names = _localization_sets(data, cfg.imgsz, val_fraction, cfg.seed)
         net = create_model("localizer", num_classes=len(names), **common)
@@ -132,7 +134,7 @@ def train(
         the_task = LandmarkTask(train_set.num_points, loss, cfg.imgsz, tuple(norm) if norm else None)
     else:
         raise CnnkitError(f"task must be 'localize' or 'landmarks', got {task!r}")
-    config = net.cnnkit_config
+    config: dict[str, Any] = net.cnnkit_config  # type: ignore[assignment]
     config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
     meta["model_config"] = config
     run_dir = new_run_dir(project, task, name)
@@ -145,9 +147,12 @@ def _task_and_sets(meta: dict[str, Any], cfg: TrainConfig) -> tuple[Any, Any, An
             meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["class_names"]
         )
         return LocalizationTask(len(names)), tr, va
-    tr, va, _ = _landmark_sets(meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["flip_pairs"])
+    points, points_val, _ = _landmark_sets(
+        meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["flip_pairs"]
+    )
     norm = meta.get("norm_points")
-    return LandmarkTask(tr.num_points, meta["loss"], cfg.imgsz, tuple(norm) if norm else None), tr, va
+    task = LandmarkTask(points.num_points, meta["loss"], cfg.imgsz, tuple(norm) if norm else None)
+    return task, points, points_val
 
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:

@@ -68,12 +68,21 @@ def _datasets(
     names = names or spec.names
     if names is None:
         names = [str(i) for i in range(infer_num_classes(spec.train, spec.ignore_index, spec.palette))]
-    common = {"ignore_index": spec.ignore_index, "palette": spec.palette, "strict": opts.strict}
-    train_t = SegmentationTransform(cfg.imgsz, True, opts.scale, opts.hflip)
-    train_set = SegmentationDataset(spec.train, len(names), train_t, source=f"{data} (train)", **common)
-    val_set = SegmentationDataset(
-        spec.val, len(names), SegmentationTransform(cfg.imgsz, False), source=f"{data} (val)", **common
-    )
+
+    def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
+        transform = SegmentationTransform(cfg.imgsz, train, opts.scale, opts.hflip)
+        split = "train" if train else "val"
+        return SegmentationDataset(
+            pairs,
+            len(names),
+            transform,
+            ignore_index=spec.ignore_index,
+            palette=spec.palette,
+            strict=opts.strict,
+            source=f"{data} ({split})",
+        )
+
+    train_set, val_set = dataset(spec.train, True), dataset(spec.val, False)
     return train_set, val_set, names, spec
 
 
@@ -128,7 +137,8 @@ def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> Segm
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
     last, meta, cfg = resume_point(resume)
-    opts = SegmentOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()})
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
+    opts = SegmentOptions(**options)  # type: ignore[arg-type]
     train_set, val_set, names, spec = _datasets(
         meta["data"], cfg, opts, meta["val_fraction"], meta["class_names"]
     )
@@ -156,7 +166,8 @@ def val(
     _, val_set, names, spec = _datasets(data, cfg, SegmentOptions(), fraction, meta["class_names"])
     dev = select_device(device)
     model.to(dev)
-    task = _task(names, spec.ignore_index, SegmentOptions(binary=model.num_classes == 1))
+    binary = getattr(model, "num_classes", 0) == 1
+    task = _task(names, spec.ignore_index, SegmentOptions(binary=bool(binary)))
     loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev)
     metrics, evaluator = evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
     return metrics, evaluator
