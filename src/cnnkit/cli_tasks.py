@@ -40,6 +40,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="a run directory or its weights/last.pt to continue")
 
 
+def _report(result: Any, fitness_name: str) -> None:
+    print(f"best {result.best}  (epoch {result.best_epoch}, {fitness_name} {result.best_fitness:.4f})")
+    print(f"results in {result.run_dir}")
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
@@ -82,8 +87,7 @@ def cmd_train_classify(args: argparse.Namespace) -> int:
             project=args.project,
             name=args.name,
         )
-    print(f"best {result.best}  (epoch {result.best_epoch}, top1 {result.best_fitness:.4f})")
-    print(f"results in {result.run_dir}")
+    _report(result, "top1")
     return 0
 
 
@@ -151,8 +155,7 @@ def cmd_train_segment(args: argparse.Namespace) -> int:
             project=args.project,
             name=args.name,
         )
-    print(f"best {result.best}  (epoch {result.best_epoch}, mIoU {result.best_fitness:.4f})")
-    print(f"results in {result.run_dir}")
+    _report(result, "mIoU")
     return 0
 
 
@@ -208,8 +211,7 @@ def cmd_train_localize(args: argparse.Namespace) -> int:
             project=args.project,
             name=args.name,
         )
-    print(f"best {result.best}  (epoch {result.best_epoch}, fitness {result.best_fitness:.4f})")
-    print(f"results in {result.run_dir}")
+    _report(result, "fitness")
     return 0
 
 

@@ -196,9 +196,6 @@ def save_heatmap(
     image: torch.Tensor, score_map: torch.Tensor, path: str | os.PathLike[str], alpha: float = 0.5
 ) -> Path:
     """Blend the per-window top score (a jet colour map) over ``image [3, H, W] uint8``; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib import colormaps
     from PIL import Image
 

@@ -134,11 +134,9 @@ class Plotter(Callback):
 
 
 def plot_history(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+    from cnnkit.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in history[0] if k != "epoch" and isinstance(history[0][k], int | float)]
     losses = [k for k in keys if "loss" in k]
     others = [k for k in keys if k not in losses and k != "lr"]
@@ -157,7 +155,4 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
             ax.legend()
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -39,3 +39,13 @@ class Task(Protocol):
     def loss(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, Logs]: ...
 
     def evaluator(self) -> Evaluator: ...
+
+
+class ImageTask:
+    """Defaults shared by tasks whose batch is ``(images, targets...)`` and whose model is trained as is."""
+
+    def training_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return batch[0]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.tasks.base import Logs
+from cnnkit.tasks.base import ImageTask, Logs
 
 
 class WithAux(nn.Module):
@@ -32,7 +32,7 @@ class WithAux(nn.Module):
         return logits, list(aux)
 
 
-class ClassificationTask:
+class ClassificationTask(ImageTask):
     """Cross-entropy with optional label smoothing; auxiliary classifiers (GoogLeNet, Inception v3) add
     their losses with weight ``aux_weight`` (0.3 in the GoogLeNet paper) during training only."""
 
@@ -46,9 +46,6 @@ class ClassificationTask:
 
     def training_module(self, model: nn.Module) -> nn.Module:
         return WithAux(model)
-
-    def inputs(self, batch: Any) -> torch.Tensor:
-        return batch[0]
 
     def loss(self, outputs: tuple[torch.Tensor, list[torch.Tensor]], batch: Any) -> tuple[torch.Tensor, Logs]:
         logits, aux = outputs
@@ -128,13 +125,9 @@ class ClassificationEvaluator:
 
 def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Sequence[str] | None = None) -> Path:
     """Row-normalised confusion matrix (recall per true class) with counts."""
-    import matplotlib
+    from cnnkit.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cnnkit.io import atomic_path
-
+    plt = pyplot()
     cm = confusion.double()
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     n = cm.shape[0]
@@ -160,8 +153,4 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Sequence[st
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (row-normalised)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,10 +16,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cnnkit.ops.boxes import BoxFormat, convert, elementwise_iou
-from cnnkit.tasks.base import Logs
+from cnnkit.tasks.base import ImageTask, Logs
 
 LandmarkLoss = Literal["l1", "smooth_l1", "wing"]
 
@@ -30,19 +29,13 @@ def loc_boxes_xyxy(out: torch.Tensor) -> torch.Tensor:
     return convert(torch.stack([bx, by, bw, bh], 1), BoxFormat.CXCYWH, BoxFormat.XYXY)
 
 
-class LocalizationTask:
+class LocalizationTask(ImageTask):
     name = "localize"
     fitness = "acc_iou50"
 
     def __init__(self, num_classes: int, box_weight: float = 5.0) -> None:
         self.num_classes = num_classes
         self.box_weight = box_weight
-
-    def training_module(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def inputs(self, batch: Any) -> torch.Tensor:
-        return batch[0]
 
     def loss(self, outputs: torch.Tensor, batch: Any) -> tuple[torch.Tensor, Logs]:
         target = batch[1]  # [B, 6]: object, bx, by, bh, bw, class
@@ -112,7 +105,7 @@ def wing_loss(err: torch.Tensor, w: float = 10.0, eps: float = 2.0) -> torch.Ten
     return torch.where(err < w, w * torch.log1p(err / eps), err - c)
 
 
-class LandmarkTask:
+class LandmarkTask(ImageTask):
     name = "landmarks"
     fitness = "pck"
 
@@ -131,12 +124,6 @@ class LandmarkTask:
         self.imgsz = imgsz
         self.norm_points = norm_points
         self.pck_threshold = pck_threshold
-
-    def training_module(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def inputs(self, batch: Any) -> torch.Tensor:
-        return batch[0]
 
     def loss(self, outputs: torch.Tensor, batch: Any) -> tuple[torch.Tensor, Logs]:
         points, visible = batch[1], batch[2]

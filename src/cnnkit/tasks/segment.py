@@ -9,9 +9,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from cnnkit.tasks.base import Logs
+from cnnkit.tasks.base import ImageTask, Logs
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
 
@@ -65,7 +64,7 @@ def focal_loss(
     return loss[valid].mean() if valid.any() else loss.sum() * 0
 
 
-class SegmentationTask:
+class SegmentationTask(ImageTask):
     """Per-pixel classification. ``num_classes == 1`` is binary segmentation (sigmoid, BCE)."""
 
     name = "segment"
@@ -86,12 +85,6 @@ class SegmentationTask:
         self.ignore_index = ignore_index
         self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.dice_weight = dice_weight
-
-    def training_module(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def inputs(self, batch: Any) -> torch.Tensor:
-        return batch[0]
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] == 1:

@@ -29,15 +29,20 @@ from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
 from cnnkit.engine.trainer import (
     FitResult,
-    evaluate,
     fit,
-    make_loader,
     new_run_dir,
     seed_everything,
 )
 from cnnkit.errors import DataError
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
-from cnnkit.workflows.common import load_task_model, rebuild_model, resume_point
+from cnnkit.workflows.common import (
+    evaluate_dataset,
+    lists_to_tuples,
+    load_task_model,
+    rebuild_model,
+    record_skipped,
+    resume_point,
+)
 
 log = logging.getLogger("cnnkit")
 
@@ -143,10 +148,7 @@ def train(
     seed_everything(cfg.seed)  # the new head's initialisation is part of the seeded run
     net = create_model(model, num_classes=len(class_names), weights=pretrained, **args)
     run_dir = new_run_dir(project, "classify", name)
-    skipped = [*train_set.skipped.items, *val_set.skipped.items]
-    if skipped:
-        (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in skipped))
-        log.warning("%d unreadable images skipped; listed in %s", len(skipped), run_dir / "skipped.txt")
+    record_skipped(run_dir, [*train_set.skipped.items, *val_set.skipped.items])
     meta = {
         "task": "classify",
         "class_names": class_names,
@@ -221,16 +223,12 @@ def _fit_stages(
     )
 
 
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
     """Rebuild a run from its ``last.pt`` (model, data, configuration) and continue it."""
     last, meta, cfg = resume_point(resume)
     stage = int(meta["stage"])
     run_dir = last.parent.parent if stage == 1 else last.parent.parent.parent
-    augment = AugmentConfig(**_tuples(meta["augment"]))
+    augment = AugmentConfig(**lists_to_tuples(meta["augment"]))
     train_samples, val_samples, class_names = resolve_splits(
         meta["data"], meta["val"], meta["val_fraction"], cfg.seed
     )
@@ -245,7 +243,7 @@ def _resume(resume: str | os.PathLike[str]) -> FitResult:
         val_samples, class_names, classify_eval_transform(cfg.imgsz, augment.crop_fraction)
     )
     net = rebuild_model(meta)
-    transfer = TransferConfig(**_tuples(meta["transfer"]))
+    transfer = TransferConfig(**lists_to_tuples(meta["transfer"]))
     return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, start_stage=stage, resume=last)
 
 
@@ -279,11 +277,8 @@ def val(
         if data.is_file()
         else ClassificationDataset.from_folder(data, transform, names)
     )
-    dev = select_device(device)
-    model.to(dev)
     task = ClassificationTask(len(dataset.class_names))
-    loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev)
-    metrics, evaluator = evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
+    metrics, evaluator = evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers)
     return metrics, evaluator
 
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.trainer import load_training_state
+from cnnkit.engine.device import amp_dtype, select_device
+from cnnkit.engine.trainer import evaluate, load_training_state, make_loader
 from cnnkit.errors import CnnkitError
+from cnnkit.tasks.base import Task
 from cnnkit.weights import read_metadata
+
+log = logging.getLogger("cnnkit")
 
 
 def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -50,3 +57,33 @@ def preprocess(image: torch.Tensor, imgsz: int, meta: dict[str, Any]) -> torch.T
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
     return (x - mean) / std
+
+
+def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:
+    """List the files a run left out (path and reason) in ``run_dir/skipped.txt`` and say so once."""
+    if not items:
+        return
+    (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in items))
+    log.warning("%d files skipped; listed in %s", len(items), run_dir / "skipped.txt")
+
+
+def lists_to_tuples(values: dict[str, Any]) -> dict[str, Any]:
+    """Undo JSON's tuple-to-list conversion for a frozen config dataclass read back from metadata."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def evaluate_dataset(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    batch: int,
+    device: str,
+    workers: int,
+    amp: bool = True,
+) -> tuple[dict[str, float], Any]:
+    """One validation pass of ``model`` over ``dataset`` on ``device`` (autocast when ``amp``)."""
+    dev = select_device(device)
+    model.to(dev)
+    loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev)
+    return evaluate(task, model, loader, dev, amp_dtype("auto", dev) if amp else None, progress=True)

@@ -27,16 +27,14 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import (
     FitResult,
-    evaluate,
     fit,
-    make_loader,
     new_run_dir,
     seed_everything,
 )
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.ops.boxes import clip
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
-from cnnkit.workflows.common import load_task_model, preprocess, rebuild_model, resume_point
+from cnnkit.workflows.common import evaluate_dataset, load_task_model, preprocess, rebuild_model, resume_point
 
 log = logging.getLogger("cnnkit")
 
@@ -179,10 +177,9 @@ def val(
     model, meta = load(weights, task)
     cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
     the_task, _, val_set = _task_and_sets({**meta, "data": str(data or meta["data"])}, cfg)
-    dev = select_device(device)
-    model.to(dev)
-    loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev)
-    metrics, _ = evaluate(the_task, model, loader, dev, None, progress=True)
+    metrics, _ = evaluate_dataset(
+        the_task, model, val_set, batch=batch, device=device, workers=workers, amp=False
+    )
     return metrics
 
 

@@ -29,15 +29,21 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.trainer import (
     FitResult,
-    evaluate,
     fit,
-    make_loader,
     new_run_dir,
     seed_everything,
 )
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
-from cnnkit.workflows.common import load_task_model, preprocess, rebuild_model, resume_point
+from cnnkit.workflows.common import (
+    evaluate_dataset,
+    lists_to_tuples,
+    load_task_model,
+    preprocess,
+    rebuild_model,
+    record_skipped,
+    resume_point,
+)
 
 log = logging.getLogger("cnnkit")
 
@@ -111,9 +117,7 @@ def train(
         model, num_classes=1 if opts.binary else len(names), weights=pretrained, **(model_args or {})
     )
     run_dir = new_run_dir(project, "segment", name)
-    skipped = [*spec.missing, *train_set.skipped.items, *val_set.skipped.items]
-    if skipped:
-        (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in skipped))
+    record_skipped(run_dir, [*spec.missing, *train_set.skipped.items, *val_set.skipped.items])
     meta = {
         "task": "segment",
         "class_names": names,
@@ -137,8 +141,7 @@ def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> Segm
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
     last, meta, cfg = resume_point(resume)
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
-    opts = SegmentOptions(**options)  # type: ignore[arg-type]
+    opts = SegmentOptions(**lists_to_tuples(meta["options"]))  # type: ignore[arg-type]
     train_set, val_set, names, spec = _datasets(
         meta["data"], cfg, opts, meta["val_fraction"], meta["class_names"]
     )
@@ -164,12 +167,9 @@ def val(
     cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
     fraction = float(meta.get("val_fraction", 0.2))
     _, val_set, names, spec = _datasets(data, cfg, SegmentOptions(), fraction, meta["class_names"])
-    dev = select_device(device)
-    model.to(dev)
     binary = getattr(model, "num_classes", 0) == 1
     task = _task(names, spec.ignore_index, SegmentOptions(binary=bool(binary)))
-    loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev)
-    metrics, evaluator = evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
+    metrics, evaluator = evaluate_dataset(task, model, val_set, batch=batch, device=device, workers=workers)
     return metrics, evaluator
 
 
