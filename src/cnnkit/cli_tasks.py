@@ -387,6 +387,10 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_predict_localize)
 
+    from cnnkit.cli_detect import add_detect_commands
+
+    add_detect_commands(sub, train, val, predict)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
     p.add_argument("name", choices=["digits"])

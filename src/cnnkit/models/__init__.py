@@ -1,6 +1,6 @@
 """The architecture zoo; importing it registers every family's builders."""
 
-from cnnkit.models import efficientnet, heads, inception, mobilenet, resnet, unet, vgg
+from cnnkit.models import efficientnet, heads, inception, mobilenet, resnet, unet, vgg, yolo
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureExtractor, FeatureInfo
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "resnet",
     "unet",
     "vgg",
+    "yolo",
 ]

@@ -11,11 +11,12 @@ from cnnkit.ops.boxes import (
     elementwise_iou,
     generalized_iou,
 )
-from cnnkit.ops.nms import batched_nms, nms, soft_nms
+from cnnkit.ops.nms import Detections, batched_nms, multiclass_nms, nms, soft_nms
 from cnnkit.ops.transposed import conv_transpose2d_reference
 
 __all__ = [
     "BoxFormat",
+    "Detections",
     "area",
     "batched_nms",
     "box_iou",
@@ -26,6 +27,7 @@ __all__ = [
     "distance_iou",
     "elementwise_iou",
     "generalized_iou",
+    "multiclass_nms",
     "nms",
     "soft_nms",
 ]

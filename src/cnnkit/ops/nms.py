@@ -7,6 +7,7 @@ decays the scores of overlapping boxes instead of dropping them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,8 +42,86 @@ def batched_nms(
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if agnostic:
         return nms(boxes, scores, iou_threshold, max_det)
+    if boxes.shape[0] > _PER_CLASS_ABOVE and boxes.device.type == "cpu":
+        return _nms_per_class(boxes, scores, classes, iou_threshold, max_det)
     offset = classes.to(boxes.dtype)[:, None] * (boxes.max() - boxes.min() + 1)
     return nms(boxes + offset, scores, iou_threshold, max_det)
+
+
+# Past this many boxes on CPU, one NMS per class beats one quadratic NMS over offset boxes.
+_PER_CLASS_ABOVE = 2000
+
+
+def _nms_per_class(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    iou_threshold: float,
+    max_det: int | None,
+) -> torch.Tensor:
+    """Group the boxes by class with one sort, run NMS on each contiguous group, merge by score."""
+    order = torch.argsort(classes, stable=True)
+    counts = torch.bincount(classes[order]).tolist()
+    kept = []
+    start = 0
+    for n in counts:
+        if n:
+            idx = order[start : start + n]
+            kept.append(idx[tv_boxes.nms(boxes[idx].float(), scores[idx].float(), iou_threshold)])
+        start += n
+    keep = torch.cat(kept)
+    keep = keep[scores[keep].float().sort(descending=True, stable=True).indices]
+    return keep[:max_det] if max_det is not None else keep
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections: ``boxes [K, 4]`` xyxy, ``scores [K]``, ``labels [K]``, best first."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+
+def multiclass_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    max_det: int = 300,
+    multi_label: bool = False,
+    agnostic: bool = False,
+    max_candidates: int = 30000,
+) -> list[Detections]:
+    """Threshold and NMS for a batch of dense predictions: ``boxes [B, N, 4]`` xyxy, ``scores [B, N, C]``
+    (already ``objectness x class probability``; any strides, e.g. a transposed ``[B, C, N]`` view).
+
+    A box becomes one candidate per class above ``conf`` with ``multi_label`` (what mAP evaluation
+    wants), else one candidate for its best class. At most ``max_candidates`` candidates (best first)
+    enter class-aware NMS (``agnostic``: classes suppress each other); ``max_det`` are kept per image.
+    Boxes are only gathered after thresholding, so the cost follows the candidates, not ``N``.
+    """
+    out = []
+    for b in range(boxes.shape[0]):
+        s = scores[b]
+        if multi_label:
+            i, j = (s > conf).nonzero(as_tuple=True)
+            sc = s[i, j]
+        else:
+            best, j = s.max(1)
+            i = (best > conf).nonzero(as_tuple=True)[0]
+            sc, j = best[i], j[i]
+        if sc.numel() > max_candidates:
+            top = sc.topk(max_candidates).indices
+            i, j, sc = i[top], j[top], sc[top]
+        bx = boxes[b, i]
+        keep = batched_nms(bx, sc, j, iou, agnostic=agnostic, max_det=max_det)
+        out.append(Detections(bx[keep], sc[keep], j[keep]))
+    return out
 
 
 def soft_nms(

@@ -112,3 +112,25 @@ def kmeans_anchors(wh: torch.Tensor, k: int = 5, *, iters: int = 300, seed: int 
     centres = centres[order]
     mean_iou = float(shape_iou(wh, centres).max(1).values.mean())
     return AnchorFit(centres.float(), mean_iou)
+
+
+def decode_pixels(
+    raw: torch.Tensor, anchors: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One scale of a YOLO head in input pixels: ``raw [B, S_y, S_x, A, 5 + C]``, ``anchors [A, 2]``
+    (pixels) -> ``(boxes [B, S_y*S_x*A, 4] xyxy, objectness logits [B, N], class logits [B, N, C])``.
+
+    Same parameterisation as :func:`decode`: centre ``(sigmoid(t_xy) + cell) * stride``, size
+    ``anchor * exp(t_wh)``.
+    """
+    b, s_y, s_x, a, _ = raw.shape
+    gy, gx = torch.meshgrid(
+        torch.arange(s_y, device=raw.device, dtype=raw.dtype),
+        torch.arange(s_x, device=raw.device, dtype=raw.dtype),
+        indexing="ij",
+    )
+    grid = torch.stack([gx, gy], -1)[None, :, :, None]  # [1, S_y, S_x, 1, 2]
+    centre = (raw[..., :2].sigmoid() + grid) * stride
+    half = anchors.to(raw).view(1, 1, 1, a, 2) * raw[..., 2:4].exp() / 2
+    boxes = torch.cat([centre - half, centre + half], -1).reshape(b, -1, 4)
+    return boxes, raw[..., 4].reshape(b, -1), raw[..., 5:].reshape(b, s_y * s_x * a, -1)

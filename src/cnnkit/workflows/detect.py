@@ -1,0 +1,439 @@
+"""Detection verbs: ``train``, ``val``, ``predict`` (drawn boxes, COCO-style JSON) and ``anchors``.
+
+Data: an ultralytics ``data.yaml`` (or a folder holding one), a COCO instances JSON (``--val`` names the
+validation JSON; a folder with ``annotations/instances_{train,val}*.json`` works too), or a Pascal VOC
+root (``ImageSets/Main/{train,val}.txt``). Without a validation split a seeded fraction is held out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from cnnkit.api import create_model
+from cnnkit.data.classify import split_dataset
+from cnnkit.data.detect import DetReport, DetSample, read_coco, read_voc, read_yolo
+from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
+from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.device import amp_dtype, autocast, select_device
+from cnnkit.engine.trainer import FitResult, evaluate, fit, make_loader, new_run_dir, seed_everything
+from cnnkit.errors import DataError
+from cnnkit.io import load_yaml
+from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
+from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
+from cnnkit.workflows.common import (
+    lists_to_tuples,
+    load_task_model,
+    rebuild_model,
+    record_skipped,
+    resume_point,
+)
+
+log = logging.getLogger("cnnkit")
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Model and loss options of a detection run (the engine's are in :class:`TrainConfig`)."""
+
+    backbone: str = "resnet18"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    strides: tuple[int, ...] = (8, 16, 32)
+    anchors_per_scale: int = 3
+    anchors: tuple[tuple[tuple[float, float], ...], ...] | None = None  # None: k-means on the data
+    neck: str = "pan"
+    neck_channels: int | None = None
+    box_loss: BoxLoss = "ciou"
+    anchor_iou: float = 0.5
+    noobj_weight: float = 0.5
+    augment: DetAugment = field(default_factory=DetAugment)
+    strict: bool = False  # stop at the first bad annotation instead of skipping the sample
+
+
+@dataclass
+class DetectionData:
+    train: list[DetSample]
+    val: list[DetSample]
+    names: list[str]
+    report: DetReport
+
+
+def _coco_pair(root: Path) -> tuple[Path, Path | None]:
+    found = sorted((root / "annotations").glob("instances_*.json"))
+    train = next((p for p in found if "train" in p.stem), None)
+    val = next((p for p in found if "val" in p.stem), None)
+    if train is None:
+        raise DataError(f"{root}/annotations: no instances_train*.json")
+    return train, val
+
+
+def read_detection_data(
+    data: str | os.PathLike[str],
+    *,
+    val: str | os.PathLike[str] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    strict: bool = False,
+) -> DetectionData:
+    """Train and validation samples, class names and what the readers fixed or skipped."""
+    path = Path(data)
+    report = DetReport()
+    val_samples: list[DetSample] | None
+    if path.is_dir() and (path / "data.yaml").is_file():
+        path = path / "data.yaml"
+    if path.suffix in (".yaml", ".yml"):
+        train, names, r1 = read_yolo(path, "train", strict=strict)
+        split = next((k for k in ("val", "valid", "test") if load_yaml(path).get(k)), None)
+        val_samples, r2 = None, DetReport()
+        if split is not None:
+            val_samples, _, r2 = read_yolo(path, split, strict=strict)
+        reports = [r1, r2]
+    elif path.suffix == ".json" or (path.is_dir() and (path / "annotations").is_dir()):
+        train_json, val_json = (
+            (path, Path(val) if val else None) if path.suffix == ".json" else _coco_pair(path)
+        )
+        if val is not None:
+            val_json = Path(val)
+        train, names, r1 = read_coco(train_json, strict=strict)
+        val_samples, r2 = None, DetReport()
+        if val_json is not None:
+            val_samples, _, r2 = read_coco(val_json, strict=strict)
+        reports = [r1, r2]
+    elif path.is_dir() and (path / "Annotations").is_dir():
+        train, names, r1 = read_voc(path, "train", strict=strict)
+        has_val = (path / "ImageSets" / "Main" / "val.txt").is_file()
+        val_samples, r2 = None, DetReport()
+        if has_val:
+            val_samples, _, r2 = read_voc(path, "val", names=names, strict=strict)
+        reports = [r1, r2]
+    else:
+        raise DataError(
+            f"{data}: not a detection dataset (expected a YOLO data.yaml, a COCO instances JSON or a folder "
+            "with annotations/instances_*.json, or a Pascal VOC root with Annotations/)"
+        )
+    for r in reports:
+        report.clipped.update(r.clipped)
+        report.dropped.update(r.dropped)
+        report.problems.extend(r.problems)
+    if val_samples is None:
+        tr, va = split_dataset(len(train), val_fraction, seed)
+        train, val_samples = [train[i] for i in tr], [train[i] for i in va]
+    if not train:
+        raise DataError(f"{data}: no usable training image ({report.summary()})")
+    return DetectionData(train, val_samples, names, report)
+
+
+def letterboxed_sizes(samples: Sequence[DetSample], imgsz: int) -> torch.Tensor:
+    """``[N, 2]`` widths and heights of every box after letterboxing its image to ``imgsz``."""
+    sizes = [(s.boxes[:, 2:] - s.boxes[:, :2]) * (imgsz / max(s.size)) for s in samples if len(s.boxes)]
+    return torch.cat(sizes) if sizes else torch.zeros(0, 2)
+
+
+def fit_anchors(samples: Sequence[DetSample], imgsz: int, k: int, seed: int = 0) -> AnchorFit:
+    """YOLOv2 dimension clusters of the training boxes at the network's input size."""
+    wh = letterboxed_sizes(samples, imgsz)
+    if len(wh) < k:
+        raise DataError(f"only {len(wh)} boxes in the training data; cannot fit {k} anchors (pass anchors)")
+    return kmeans_anchors(wh, k, seed=seed)
+
+
+def _anchors_for(data: DetectionData, opts: DetectOptions, imgsz: int, seed: int) -> list[list[list[float]]]:
+    if opts.anchors is not None:
+        return [[list(a) for a in level] for level in opts.anchors]
+    levels, per = len(opts.strides), opts.anchors_per_scale
+    fitted = fit_anchors(data.train, imgsz, levels * per, seed)
+    log.info(
+        "anchors (k-means, 1 - IoU) at %d px: mean best IoU %.3f: %s",
+        imgsz,
+        fitted.mean_iou,
+        ", ".join(f"{w:.0f}x{h:.0f}" for w, h in fitted.anchors.tolist()),
+    )
+    a = [[round(w, 2), round(h, 2)] for w, h in fitted.anchors.tolist()]  # sorted by area
+    return [a[i * per : (i + 1) * per] for i in range(levels)]
+
+
+def _task(model: nn.Module, names: Sequence[str], opts: DetectOptions, **eval_args: float) -> DetectionTask:
+    return DetectionTask(
+        len(names),
+        model.anchors,  # type: ignore[arg-type]
+        model.strides,  # type: ignore[arg-type]
+        box_loss=opts.box_loss,
+        anchor_iou=opts.anchor_iou,
+        noobj_weight=opts.noobj_weight,
+        **eval_args,
+    )
+
+
+def _datasets(
+    data: DetectionData, imgsz: int, opts: DetectOptions
+) -> tuple[DetectionDataset, DetectionDataset]:
+    return DetectionDataset(data.train, imgsz, True, opts.augment), DetectionDataset(data.val, imgsz, False)
+
+
+def _report_data(data: DetectionData, source: str) -> None:
+    log.info(
+        "%s: %d training and %d validation images, %d classes; %s",
+        source,
+        len(data.train),
+        len(data.val),
+        len(data.names),
+        data.report.summary(),
+    )
+    for line in data.report.problems[:20]:
+        log.warning("%s", line)
+    if len(data.report.problems) > 20:
+        log.warning("... and %d more problems (see skipped.txt)", len(data.report.problems) - 20)
+
+
+def train(
+    data: str | os.PathLike[str],
+    *,
+    val: str | os.PathLike[str] | None = None,
+    opts: DetectOptions = DetectOptions(),
+    pretrained: str | os.PathLike[str] | None = None,
+    cfg: TrainConfig | None = None,
+    val_fraction: float = 0.2,
+    project: str | os.PathLike[str] = "runs",
+    name: str = "exp",
+    resume: str | os.PathLike[str] | None = None,
+) -> FitResult:
+    """Train a YOLO detector on ``data``; ``pretrained`` initialises the backbone (a classifier's
+    weights, its head dropped). Anchors are fitted to the data unless ``opts.anchors`` gives them."""
+    if resume is not None:
+        return _resume(resume)
+    cfg = cfg or TrainConfig()
+    check_imgsz(cfg.imgsz, max(opts.strides))
+    seed_everything(cfg.seed)
+    ds = read_detection_data(data, val=val, val_fraction=val_fraction, seed=cfg.seed, strict=opts.strict)
+    _report_data(ds, str(data))
+    net = create_model(
+        "yolo",
+        num_classes=len(ds.names),
+        backbone=opts.backbone,
+        backbone_args=opts.backbone_args,
+        backbone_weights=None if pretrained is None else str(pretrained),
+        strides=opts.strides,
+        anchors=_anchors_for(ds, opts, cfg.imgsz, cfg.seed),
+        neck=opts.neck,
+        neck_channels=opts.neck_channels,
+    )
+    config: dict[str, Any] = net.cnnkit_config  # type: ignore[assignment]
+    config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
+    train_set, val_set = _datasets(ds, cfg.imgsz, opts)
+    run_dir = new_run_dir(project, "detect", name)
+    record_skipped(run_dir, [(p, "skipped") for p in ds.report.problems])
+    meta = {
+        "task": "detect",
+        "class_names": ds.names,
+        "imgsz": cfg.imgsz,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "data": str(data),
+        "val": None if val is None else str(val),
+        "val_fraction": val_fraction,
+        "options": _options_dict(opts),
+        "model_config": config,
+        "train_config": cfg.to_dict(),
+    }
+    return fit(
+        _task(net, ds.names, opts), net, train_set, val_set, cfg, run_dir, metadata=meta, collate_fn=collate
+    )
+
+
+def _options_dict(opts: DetectOptions) -> dict[str, Any]:
+    d = {k: v for k, v in opts.__dict__.items() if k != "augment"}
+    d["augment"] = dict(opts.augment.__dict__)
+    return d
+
+
+def _options(d: dict[str, Any]) -> DetectOptions:
+    d = dict(d)
+    augment = DetAugment(**lists_to_tuples(d.pop("augment")))
+    anchors = d.pop("anchors")
+    anchors_t = tuple(tuple(tuple(a) for a in level) for level in anchors) if anchors else None
+    return DetectOptions(**lists_to_tuples(d), anchors=anchors_t, augment=augment)  # type: ignore[arg-type]
+
+
+def _resume(resume: str | os.PathLike[str]) -> FitResult:
+    last, meta, cfg = resume_point(resume)
+    opts = _options(meta["options"])
+    ds = read_detection_data(
+        meta["data"],
+        val=meta.get("val"),
+        val_fraction=meta["val_fraction"],
+        seed=cfg.seed,
+        strict=opts.strict,
+    )
+    net = rebuild_model(meta)
+    train_set, val_set = _datasets(ds, cfg.imgsz, opts)
+    task = _task(net, meta["class_names"], opts)
+    return fit(
+        task, net, train_set, val_set, cfg, last.parent.parent, resume=last, metadata=meta, collate_fn=collate
+    )
+
+
+def load_detector(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    return load_task_model(weights, "detect")
+
+
+def val(
+    weights: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    *,
+    val_data: str | os.PathLike[str] | None = None,
+    batch: int = 16,
+    device: str = "auto",
+    workers: int = 2,
+    conf: float = 0.001,
+    iou: float = 0.6,
+) -> tuple[dict[str, float], DetectionEvaluator]:
+    """COCO metrics on the validation split of ``data`` (default: the training data's)."""
+    model, meta = load_detector(weights)
+    opts = _options(meta["options"])
+    source = data or meta["data"]
+    seed = int(meta["train_config"]["seed"])
+    ds = read_detection_data(
+        source,
+        val=val_data or (meta.get("val") if data is None else None),
+        val_fraction=meta["val_fraction"],
+        seed=seed,
+    )
+    _report_data(ds, str(source))
+    val_set = DetectionDataset(ds.val, int(meta["imgsz"]), False)
+    dev = select_device(device)
+    model.to(dev)
+    task = _task(model, meta["class_names"], opts, eval_conf=conf, eval_iou=iou)
+    loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev, collate_fn=collate)
+    return evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
+
+
+@dataclass(frozen=True)
+class DetPrediction:
+    path: str
+    boxes: list[tuple[float, float, float, float]]  # xyxy pixels of the original image
+    scores: list[float]
+    labels: list[str]
+    classes: list[int]
+    drawn: str | None = None
+
+
+@torch.inference_mode()
+def predict(
+    weights: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    max_det: int = 300,
+    agnostic: bool = False,
+    device: str = "auto",
+) -> Iterator[DetPrediction]:
+    """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
+    written there with its boxes, classes and scores drawn."""
+    model, meta = load_detector(weights)
+    opts = _options(meta["options"])
+    names = list(meta["class_names"])
+    task = _task(model, names, opts)
+    dev = select_device(device)
+    model.to(dev)
+    dtype = amp_dtype("auto", dev)
+    imgsz = int(meta["imgsz"])
+    mean = torch.tensor(meta["mean"]).view(3, 1, 1)
+    std = torch.tensor(meta["std"]).view(3, 1, 1)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for path in iter_images(sources):
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
+        x = ((boxed.float() / 255 - mean) / std)[None].to(dev)
+        with autocast(dev, dtype):
+            outputs = model(x)
+        det = task.postprocess(
+            [o.float() for o in outputs], conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
+        )[0]
+        boxes = unletterbox(det.boxes.cpu(), info)
+        classes = det.labels.cpu().tolist()
+        pred = DetPrediction(
+            str(path),
+            [tuple(b) for b in boxes.tolist()],  # type: ignore[misc]
+            det.scores.cpu().tolist(),
+            [names[c] for c in classes],
+            classes,
+        )
+        if out_dir is not None:
+            drawn = out_dir / f"{path.stem}.jpg"
+            draw_detections(image, pred, drawn)
+            pred = DetPrediction(pred.path, pred.boxes, pred.scores, pred.labels, pred.classes, str(drawn))
+        yield pred
+
+
+def _colour(k: int) -> tuple[int, int, int]:
+    palette = ((255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23), (255, 178, 29),
+               (132, 56, 255), (0, 212, 187), (255, 55, 199), (61, 219, 134))  # fmt: skip
+    return palette[k % len(palette)]
+
+
+def draw_detections(image: torch.Tensor, pred: DetPrediction, path: Path) -> None:
+    """Draw boxes with ``class score`` labels over ``image [3, H, W] uint8`` and save it."""
+    img = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(img.size) / 200))
+    for box, score, label, k in zip(pred.boxes, pred.scores, pred.labels, pred.classes):
+        colour = _colour(k)
+        draw.rectangle(box, outline=colour, width=width)
+        text = f"{label} {score:.2f}"
+        tx, ty = box[0], max(0.0, box[1] - 11)
+        draw.rectangle(draw.textbbox((tx, ty), text), fill=colour)
+        draw.text((tx, ty), text, fill=(255, 255, 255))
+    img.save(path, quality=92)
+
+
+def coco_results(
+    preds: Sequence[DetPrediction], category_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """COCO results format (``image_id``, ``category_id``, ``bbox`` as x, y, w, h, ``score``); the image id
+    is the file stem when it is a number (COCO's file naming), else the file name."""
+    results = []
+    for p in preds:
+        stem = Path(p.path).stem
+        image_id: int | str = int(stem) if stem.isdigit() else Path(p.path).name
+        for (x1, y1, x2, y2), score, k in zip(p.boxes, p.scores, p.classes):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "file_name": p.path,
+                    "category_id": category_ids[k] if category_ids else k,
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(score, 5),
+                }
+            )
+    return results
+
+
+def anchors(
+    data: str | os.PathLike[str], k: int = 9, *, imgsz: int = 640, seed: int = 0, val_fraction: float = 0.2
+) -> AnchorFit:
+    """k-means anchors (distance 1 - IoU) of a dataset's training boxes, letterboxed to ``imgsz``."""
+    ds = read_detection_data(data, val_fraction=val_fraction, seed=seed)
+    return fit_anchors(ds.train, imgsz, k, seed)
+
+
+def save_json(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(json.dumps(results))
