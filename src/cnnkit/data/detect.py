@@ -172,7 +172,8 @@ def read_coco(
     """COCO instances JSON. Categories become classes in id order; crowd annotations are left out.
 
     ``images`` is the image folder; by default ``file_name`` resolves against the JSON's folder, then
-    against the COCO layout's ``<root>/<split>`` (``annotations/instances_val2017.json`` -> ``val2017/``).
+    against the folder above it, then the COCO layout's ``<root>/<split>``
+    (``annotations/instances_val2017.json`` -> ``val2017/``) and ``<root>/images``.
     """
     path = Path(annotations)
     try:
@@ -184,7 +185,9 @@ def read_coco(
     names = [c["name"] for c in cats]
     split = path.stem.split("_")[-1]
     roots = (
-        [Path(images)] if images else [path.parent, path.parent.parent / split, path.parent.parent / "images"]
+        [Path(images)]
+        if images
+        else [path.parent, path.parent.parent, path.parent.parent / split, path.parent.parent / "images"]
     )
     per_image: dict[int, list[dict[str, Any]]] = {}
     for ann in coco.get("annotations", []):

@@ -130,7 +130,8 @@ def read_detection_data(
         tr, va = split_dataset(len(train), val_fraction, seed)
         train, val_samples = [train[i] for i in tr], [train[i] for i in va]
     if not train:
-        raise DataError(f"{data}: no usable training image ({report.summary()})")
+        first = f"; first: {report.problems[0]}" if report.problems else ""
+        raise DataError(f"{data}: no usable training image ({report.summary()}){first}")
     return DetectionData(train, val_samples, names, report)
 
 

@@ -1,0 +1,359 @@
+"""Detection: COCO metrics against pycocotools, multi-class NMS, the YOLO model, loss, data and CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.ops as tvo
+
+from cnnkit.api import create_model
+from cnnkit.data.builtin import write_detection
+from cnnkit.data.detect import DetSample
+from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, collate, letterbox
+from cnnkit.errors import CnnkitError
+from cnnkit.ops import batched_nms, multiclass_nms
+from cnnkit.ops.boxes import box_iou
+from cnnkit.ops.yolo import decode, decode_pixels
+from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator
+from cnnkit.tasks.detect import DetectionTask, unletterbox
+
+
+def random_coco_case(seed: int, n_img: int = 40, k: int = 4) -> tuple[list, list]:
+    """Ground truth with crowds and annotation areas unlike the box areas; detections near the objects
+    and elsewhere, with tied scores on odd seeds."""
+    rng = np.random.default_rng(seed)
+    gts, dts = [], []
+    for _ in range(n_img):
+        g = int(rng.integers(0, 7))
+        xy, wh = rng.uniform(0, 200, (g, 2)), rng.uniform(4, 150, (g, 2))
+        gb = np.concatenate([xy, xy + wh], 1).round(1)
+        gl = rng.integers(0, k, g)
+        crowd = rng.random(g) < 0.15
+        area = wh.prod(1) * rng.uniform(0.4, 1.0, g)
+        d = int(rng.integers(0, 14))
+        if g:
+            src = rng.integers(0, g, d)
+            db = gb[src] + rng.normal(0, 7, (d, 4))
+            dl = np.where(rng.random(d) < 0.8, gl[src], rng.integers(0, k, d))
+        else:
+            p = rng.uniform(0, 200, (d, 2))
+            db, dl = np.concatenate([p, p + rng.uniform(4, 90, (d, 2))], 1), rng.integers(0, k, d)
+        db[:, 2:] = np.maximum(db[:, 2:], db[:, :2] + 1)
+        scores = rng.choice([0.2, 0.5, 0.9], d) if seed % 2 else rng.random(d)
+        gts.append((gb, gl, crowd, area))
+        dts.append((db, scores, dl))
+    return gts, dts
+
+
+def pycocotools_eval(gts: list, dts: list, k: int) -> object:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    anns, res = [], []
+    for i, ((gb, gl, crowd, area), (db, ds, dl)) in enumerate(zip(gts, dts)):
+        for (x1, y1, x2, y2), lab, c, a in zip(gb.tolist(), gl, crowd, area):
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(lab) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(a),
+                    "iscrowd": int(c),
+                }
+            )
+        for (x1, y1, x2, y2), s, lab in zip(db.tolist(), ds, dl):
+            res.append(
+                {
+                    "image_id": i + 1,
+                    "category_id": int(lab) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(s),
+                }
+            )
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i + 1, "height": 400, "width": 400} for i in range(len(gts))],
+        "annotations": anns,
+        "categories": [{"id": c + 1, "name": str(c)} for c in range(k)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(res), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_coco_metrics_equal_pycocotools(seed: int) -> None:
+    pytest.importorskip("pycocotools")
+    gts, dts = random_coco_case(seed)
+    ours = CocoEvaluator(4)
+    for (gb, gl, crowd, area), (db, ds, dl) in zip(gts, dts):
+        ours.add(gb, gl, db, ds, dl, gt_crowd=crowd, gt_area=area)
+    result = ours.compute()
+    ref = pycocotools_eval(gts, dts, 4)
+    np.testing.assert_allclose(result.precision, ref.eval["precision"], atol=1e-6, rtol=0)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(result.recall, ref.eval["recall"], atol=1e-6, rtol=0)  # type: ignore[attr-defined]
+    np.testing.assert_allclose([result.stats[n] for n in STAT_NAMES], ref.stats, atol=1e-6, rtol=0)  # type: ignore[attr-defined]
+    assert 0.05 < result.stats["mAP50"] < 0.95  # a case that exercises both hits and misses
+
+
+def test_coco_metrics_hand_cases() -> None:
+    gt = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], float)
+    perfect = CocoEvaluator(2)
+    perfect.add(gt, np.array([0, 1]), gt, np.array([0.9, 0.8]), np.array([0, 1]))
+    assert perfect.compute().stats["mAP"] == pytest.approx(1.0)
+    wrong_class = CocoEvaluator(2)
+    wrong_class.add(gt, np.array([0, 1]), gt, np.array([0.9, 0.8]), np.array([1, 0]))
+    assert wrong_class.compute().stats["mAP"] == 0.0
+    # a class with no ground truth is left out of the mean; its detections do not count against others
+    extra = CocoEvaluator(3)
+    extra.add(
+        gt, np.array([0, 1]), np.vstack([gt, gt]), np.array([0.9, 0.8, 0.95, 0.95]), np.array([0, 1, 2, 2])
+    )
+    result = extra.compute()
+    assert result.stats["mAP"] == pytest.approx(1.0)
+    assert np.isnan(result.per_class_ap()[2])
+    p, r, f1, _ = result.best_f1()
+    assert p == pytest.approx(1.0) and r == pytest.approx(1.0) and f1 == pytest.approx(1.0)
+
+
+def test_batched_nms_per_class_path_equals_torchvision() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    xy = torch.rand(n, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 80], 1)
+    scores = torch.rand(n, generator=g)
+    classes = torch.randint(0, 80, (n,), generator=g)
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), tvo.batched_nms(boxes, scores, classes, 0.5))
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_multiclass_nms_equals_a_plain_reference(multi_label: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    b, n, c = 2, 800, 5
+    xy = torch.rand(b, n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(b, n, 2, generator=g) * 40], -1)
+    scores = torch.rand(b, n, c, generator=g) ** 3
+    out = multiclass_nms(boxes, scores, conf=0.3, iou=0.5, max_det=50, multi_label=multi_label)
+    for i, det in enumerate(out):
+        if multi_label:
+            idx, cls = (scores[i] > 0.3).nonzero(as_tuple=True)
+            sc = scores[i, idx, cls]
+        else:
+            sc, cls = scores[i].max(1)
+            idx = (sc > 0.3).nonzero(as_tuple=True)[0]
+            sc, cls = sc[idx], cls[idx]
+        keep = tvo.batched_nms(boxes[i, idx], sc, cls, 0.5)[:50]
+        assert torch.equal(det.boxes, boxes[i, idx][keep])
+        assert torch.equal(det.scores, sc[keep]) and torch.equal(det.labels, cls[keep])
+
+
+def test_decode_pixels_matches_cell_decode() -> None:
+    raw = torch.randn(2, 4, 6, 3, 7)
+    anchors_cells = torch.tensor([[1.0, 2.0], [2.5, 1.5], [0.5, 0.7]])
+    stride = 16
+    fractions = decode(raw, anchors_cells)  # cx, cy, w, h as fractions of the 96 x 64 image
+    boxes, obj, cls = decode_pixels(raw, anchors_cells * stride, stride)
+    size = torch.tensor([6 * stride, 4 * stride] * 2, dtype=torch.float32)
+    cx, cy, w, h = fractions[..., 0], fractions[..., 1], fractions[..., 2], fractions[..., 3]
+    expected = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).reshape(2, -1, 4) * size
+    torch.testing.assert_close(boxes, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(obj.sigmoid(), fractions[..., 4].reshape(2, -1))
+    assert cls.shape == (2, 4 * 6 * 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "args", "strides"),
+    [("resnet18", {"width": 0.25}, (8, 16, 32)), ("mobilenet_v2", {"width": 0.35}, (16, 32))],
+)
+def test_yolo_model_shapes_and_backward(backbone: str, args: dict, strides: tuple[int, ...]) -> None:
+    model = create_model("yolo", backbone=backbone, backbone_args=args, num_classes=3, strides=strides)
+    outs = model(torch.randn(2, 3, 64, 96))
+    assert [tuple(o.shape) for o in outs] == [(2, 64 // s, 96 // s, 3, 8) for s in strides]
+    sum(o.float().mean() for o in outs).backward()  # type: ignore[union-attr]
+    # objectness starts at the 1% prior
+    assert outs[0][..., 4].sigmoid().mean().item() == pytest.approx(0.01, abs=0.01)
+    with pytest.raises(CnnkitError, match="no stage at stride 64"):
+        create_model("yolo", backbone=backbone, backbone_args=args, strides=(16, 64))
+
+
+def test_assignment_uses_the_best_anchor_across_scales() -> None:
+    anchors = torch.tensor([[[10.0, 10.0], [20.0, 10.0]], [[40.0, 40.0], [30.0, 60.0]]])
+    task = DetectionTask(2, anchors, (8, 16), anchor_iou=1.0)
+    targets = torch.tensor([[0, 1, 0, 0, 19, 11], [0, 0, 10, 10, 40, 70.0]])
+    assigned = task.assign(targets)
+    assert assigned.tolist() == [[False, True, False, False], [False, False, False, True]]
+
+
+def test_detector_overfits_one_batch_and_finds_the_objects() -> None:
+    torch.manual_seed(0)
+    image = torch.zeros(2, 3, 64, 64)
+    image[0, :, 8:24, 10:30] = 2.0
+    image[1, 1, 30:60, 20:44] = 2.0
+    targets = torch.tensor([[0, 0, 10, 8, 30, 24], [1, 1, 20, 30, 44, 60.0]])
+    info = torch.tensor([[64, 64, 1, 0, 0]] * 2, dtype=torch.float32)
+    batch = (image, targets, info)
+    model = create_model(
+        "yolo",
+        backbone="resnet18",
+        backbone_args={"width": 0.25},
+        num_classes=2,
+        strides=(8, 16),
+        anchors=[[[16, 16], [24, 24]], [[24, 32], [32, 32]]],
+    )
+    task = DetectionTask(2, model.anchors, model.strides)  # type: ignore[arg-type]
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    first = None
+    for _ in range(60):
+        loss, _ = task.loss(model(image), batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+    model.eval()
+    with torch.no_grad():
+        dets = task.postprocess(model(image), conf=0.3, iou=0.5)
+    for i, det in enumerate(dets):
+        best = int(det.scores.argmax())
+        assert int(det.labels[best]) == int(targets[i, 1])
+        assert box_iou(det.boxes[best : best + 1], targets[i : i + 1, 2:]).item() > 0.5
+    evaluator = task.evaluator()
+    with torch.no_grad():
+        evaluator.update(model(image), batch)
+    assert evaluator.compute()["mAP50"] == pytest.approx(1.0)
+
+
+def test_letterbox_round_trip_and_augmentations_move_boxes() -> None:
+    image = torch.zeros(3, 50, 100, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    out, moved, info = letterbox(image, boxes, 64)
+    assert out.shape == (3, 64, 64) and info.tolist() == pytest.approx([50, 100, 0.64, 0, 16])
+    torch.testing.assert_close(unletterbox(moved, info), boxes)
+    sample = DetSample(Path("x.png"), boxes, torch.tensor([1]), (50, 100))
+    flip = DetectionDataset([sample], 64, True, DetAugment(scale=(1, 1), translate=0, hflip=1.0, jitter=0))
+    flip.load = lambda i: (image, boxes, torch.tensor([1]), 0)  # type: ignore[method-assign]
+    _, target, _ = flip[0]
+    torch.testing.assert_close(
+        target[0, 1:], torch.tensor([64 - moved[0, 2], moved[0, 1], 64 - moved[0, 0], moved[0, 3]])
+    )
+
+
+def test_mosaic_keeps_boxes_inside_and_labelled() -> None:
+    samples = [
+        DetSample(
+            Path(f"{i}.png"),
+            torch.tensor([[5.0, 5.0, 40.0, 30.0], [50, 40, 70, 60]]),
+            torch.tensor([i % 3, 1]),
+            (64, 80),
+        )
+        for i in range(4)
+    ]
+    ds = DetectionDataset(samples, 64, True, DetAugment(mosaic=1.0, scale=(1, 1), translate=0, jitter=0))
+    image = torch.full((3, 64, 80), 200, dtype=torch.uint8)
+    ds.load = lambda i: (image, samples[i].boxes, samples[i].labels, i)  # type: ignore[method-assign]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x, target, _ = ds[0]
+        assert x.shape == (3, 64, 64) and len(target) >= 1
+        assert (target[:, 1:] >= 0).all() and (target[:, 1:] <= 64).all()
+        assert set(target[:, 0].long().tolist()) <= {0, 1, 2}
+    batch = collate([ds[0], ds[1]])
+    assert batch[1].shape[1] == 6 and set(batch[1][:, 0].tolist()) == {0.0, 1.0}
+
+
+def _cli(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_train_val_predict_detect(tmp_path: Path) -> None:
+    data = write_detection(tmp_path / "det", n_train=48, n_val=16, seed=3)
+    common = ["--epochs", "2", "--batch", "16", "--imgsz", "64", "--workers", "0", "--quiet"]
+    _cli(
+        "train",
+        "detect",
+        "--data",
+        str(data),
+        "--backbone-args",
+        '{"width": 0.25}',
+        "--strides",
+        "8",
+        "16",
+        "--mosaic",
+        "0.5",
+        *common,
+        "--project",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
+    run = tmp_path / "runs" / "detect" / "exp"
+    for name in ("results.csv", "pr_curve.png", "confusion_matrix.png", "weights/best.safetensors"):
+        assert (run / name).is_file(), name
+    weights = str(run / "weights" / "best.safetensors")
+    report = json.loads(_cli("val", "detect", "--weights", weights, "--json", cwd=tmp_path))
+    assert set(report["metrics"]) >= {"mAP50", "mAP", "precision", "recall"}
+    assert len(report["per_class"]) == 10 and "mAP_small" in report["coco"]
+    # the COCO copy of the same data evaluates to the same numbers
+    coco = json.loads(
+        _cli(
+            "val",
+            "detect",
+            "--weights",
+            weights,
+            "--data",
+            str(data / "annotations" / "instances_train.json"),
+            "--val",
+            str(data / "annotations" / "instances_val.json"),
+            "--json",
+            cwd=tmp_path,
+        )
+    )
+    assert coco["metrics"]["mAP"] == pytest.approx(report["metrics"]["mAP"], abs=1e-3)
+    results = json.loads(
+        _cli(
+            "predict",
+            "detect",
+            "--weights",
+            weights,
+            str(data / "images" / "val"),
+            "--conf",
+            "0.0001",
+            "--json",
+            cwd=tmp_path,
+        )
+    )
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    out = _cli(
+        "predict",
+        "detect",
+        "--weights",
+        weights,
+        str(data / "images" / "val" / "00000.png"),
+        "--save-img",
+        "--out",
+        str(tmp_path / "pred"),
+        "--conf",
+        "0.0001",
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "pred" / "00000.jpg").is_file() and "objects" in out
+    anchors = _cli("anchors", "--data", str(data), "-k", "4", "--imgsz", "64", cwd=tmp_path)
+    assert "mean best IoU" in anchors
+    _cli("train", "detect", "--resume", str(run), cwd=tmp_path)  # finished run: resumes to its end at once
