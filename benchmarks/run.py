@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("bench_zoo", "bench_train", "bench_segment", "bench_sliding")
+SUITES = ("bench_zoo", "bench_train", "bench_segment", "bench_sliding", "bench_detect")
 
 
 def main() -> None:
