@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("bench_zoo", "bench_train", "bench_segment", "bench_sliding", "bench_detect")
+SUITES = ("bench_zoo", "bench_train", "bench_segment", "bench_sliding", "bench_detect", "bench_distributed")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
     try:
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            from cnnkit.engine.distributed import launch
+
+            return launch(_without_nproc(list(sys.argv[1:] if argv is None else argv)), args.nproc)
+        if "WORLD_SIZE" in os.environ:  # under torchrun: join the group before any work or logging
+            from cnnkit.engine.distributed import setup
+
+            setup(getattr(args, "device", None) or "auto")
         return int(args.func(args))
     except CnnkitError as exc:
         print(f"cnnkit: error: {exc}", file=sys.stderr)

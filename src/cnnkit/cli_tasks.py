@@ -18,6 +18,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML file of training options (command-line flags override it)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch", type=int, help=f"per-process batch size (default {d.batch})")
+    g.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (gradient accumulation)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (torch.distributed; or run under torchrun)",
+    )
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="CUDA, distributed")
     g.add_argument("--imgsz", type=int, help=f"input size (default {d.imgsz})")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     g.add_argument("--lr", type=float)
@@ -41,6 +49,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _report(result: Any, fitness_name: str) -> None:
+    from cnnkit.engine.distributed import info
+
+    if not info().is_main:
+        return
     print(f"best {result.best}  (epoch {result.best_epoch}, {fitness_name} {result.best_fitness:.4f})")
     print(f"results in {result.run_dir}")
 

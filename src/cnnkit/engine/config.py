@@ -21,7 +21,9 @@ class TrainConfig:
     """Everything the engine needs to run a fit; task- and data-specific options live with the task."""
 
     epochs: int = 10
-    batch: int = 32  # per process
+    batch: int = 32  # per process: the global batch is batch x processes x accumulate
+    accumulate: int = 1  # micro-batches whose gradients add up before each optimizer step
+    sync_bn: bool = False  # distributed on CUDA: BatchNorm statistics over the global batch
     imgsz: int = 224
     optimizer: Optimizer = "adamw"
     lr: float = 1e-3
@@ -50,6 +52,8 @@ class TrainConfig:
             raise CnnkitError(
                 f"epochs, batch and imgsz must be positive (got {self.epochs}, {self.batch}, {self.imgsz})"
             )
+        if self.accumulate < 1:
+            raise CnnkitError(f"accumulate must be at least 1, got {self.accumulate}")
         if self.lr <= 0:
             raise CnnkitError(f"lr must be positive, got {self.lr}")
         for name, allowed in (

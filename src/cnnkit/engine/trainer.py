@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cnnkit.engine import distributed as distrib
 from cnnkit.engine.callbacks import Callback, Checkpoint, CSVLogger, EarlyStopping, FitState, Plotter
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
@@ -63,6 +64,9 @@ def seed_everything(seed: int) -> None:
 
 def new_run_dir(root: str | os.PathLike[str], task: str, name: str = "exp", exist_ok: bool = False) -> Path:
     """``root/task/name``, or ``name2``, ``name3``... when it exists (unless ``exist_ok``)."""
+    distrib.setup()
+    if not distrib.info().is_main:  # every process of a distributed run uses rank 0's directory
+        return Path(distrib.broadcast_object(None))
     base = Path(root) / task
     path = base / name
     n = 2
@@ -70,7 +74,7 @@ def new_run_dir(root: str | os.PathLike[str], task: str, name: str = "exp", exis
         path = base / f"{name}{n}"
         n += 1
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(distrib.broadcast_object(str(path)))
 
 
 def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -97,16 +101,26 @@ def make_loader(
     collate_fn: Any = None,
     drop_last: bool = False,
 ) -> DataLoader[Any]:
-    """A DataLoader whose shuffling and worker seeds depend only on ``seed`` (reproducible, resumable)."""
+    """A DataLoader over this process's shard (:class:`~cnnkit.engine.distributed.ShardSampler`) whose
+    order and worker seeds depend only on ``seed``: reproducible, resumable, and the same global batches
+    on any number of processes."""
     generator = torch.Generator().manual_seed(seed)
-    n = len(dataset)  # type: ignore[arg-type]
+    where = distrib.info()
+    sampler = distrib.ShardSampler(
+        len(dataset),  # type: ignore[arg-type]
+        shuffle=shuffle,
+        seed=seed,
+        rank=where.rank,
+        world_size=where.world_size,
+        batch=batch,
+        drop_last=drop_last,
+    )
     return DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        drop_last=drop_last and n > batch,
         generator=generator,
         collate_fn=collate_fn,
         persistent_workers=False,
@@ -129,13 +143,15 @@ def evaluate(
     model.eval()
     evaluator = task.evaluator()
     try:
-        for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
+        show = None if progress and distrib.info().is_main else True
+        for batch in tqdm(loader, desc="val", leave=False, disable=show):
             batch = to_device(batch, device, channels_last)
             with autocast(device, dtype):
                 outputs = model(task.inputs(batch))
             evaluator.update(_to_float(outputs), batch)
     finally:
         model.train(was_training)
+    distrib.sync_evaluator(evaluator, device)  # each process saw its shard: combine them
     return evaluator.compute(), evaluator
 
 
@@ -167,8 +183,10 @@ def fit(
     EMA and counters are restored and training continues where it stopped; every epoch reseeds from
     ``cfg.seed + epoch``, so a resumed CPU run ends with the same weights as an uninterrupted one.
     """
+    distrib.setup(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_log(run_dir / "train.log"):
+    logging_to = _run_log(run_dir / "train.log") if distrib.info().is_main else contextlib.nullcontext()
+    with logging_to:
         return _fit(
             task, model, train_set, val_set, cfg, run_dir, resume, lr_scale, metadata, callbacks, collate_fn
         )
@@ -205,9 +223,14 @@ def _fit(
     callbacks: Sequence[Callback],
     collate_fn: Any,
 ) -> FitResult:
-    device = select_device(cfg.device)
+    where = distrib.info()
+    device = distrib.process_device(select_device(cfg.device))
     dtype = amp_dtype(cfg.amp, device)
     seed_everything(cfg.seed)
+    if cfg.sync_bn and where.enabled:
+        if device.type != "cuda":
+            raise CnnkitError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); on CPU leave it off")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -249,12 +272,14 @@ def _fit(
     state.eval_model = ema.module if ema else model
     state.training_state = training_state
     # Checkpoint first: a row in results.csv then always has its checkpoint on disk.
-    cbs: list[Callback] = [Checkpoint(cfg.save_period), CSVLogger()]
+    # Rank 0 writes; every rank runs early stopping (its metrics are the same everywhere) to stop together.
+    cbs: list[Callback] = [Checkpoint(cfg.save_period), CSVLogger()] if where.is_main else []
     if cfg.patience:
         cbs.append(EarlyStopping(cfg.patience))
-    if cfg.plots:
+    if cfg.plots and where.is_main:
         cbs.append(Plotter())
-    cbs += list(callbacks)
+    if where.is_main:
+        cbs += list(callbacks)
 
     trainable, frozen = count_parameters(model)
     log.info(
@@ -264,10 +289,24 @@ def _fit(
         device,
         f", autocast {dtype}" if dtype else "",
     )
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump({"train": cfg.to_dict(), **_plain(state.metadata)}, sort_keys=False)
-    )
+    if where.enabled:
+        log.info(
+            "distributed: %d processes (%s); global batch %d = %d per process x %d x %d accumulation",
+            where.world_size,
+            torch.distributed.get_backend(),
+            cfg.batch * where.world_size * cfg.accumulate,
+            cfg.batch,
+            where.world_size,
+            cfg.accumulate,
+        )
+    if where.is_main:
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump({"train": cfg.to_dict(), **_plain(state.metadata)}, sort_keys=False)
+        )
     train_module = task.training_module(model)
+    if where.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        train_module = nn.parallel.DistributedDataParallel(train_module, device_ids=ids)
     evaluator = None
     for cb in cbs:
         cb.on_fit_start(state)
@@ -287,6 +326,7 @@ def _fit(
         train_logs = _train_epoch(
             task, model, train_module, loader, optimizer, scaler, ema, cfg, state, device, dtype, epoch
         )
+        train_logs = distrib.all_reduce_mean(train_logs, device)
         metrics: dict[str, float] = {"epoch": epoch + 1, **train_logs}
         if val_set is not None:
             val_loader = make_loader(
@@ -316,7 +356,7 @@ def _fit(
         if state.stop:
             log.info(state.stop_reason)
             break
-    if evaluator is not None and cfg.plots and hasattr(evaluator, "save_plots"):
+    if evaluator is not None and cfg.plots and where.is_main and hasattr(evaluator, "save_plots"):
         evaluator.save_plots(run_dir, state.metadata.get("class_names"))
     for cb in cbs:
         cb.on_fit_end(state)
@@ -340,31 +380,49 @@ def _train_epoch(
     epoch: int,
 ) -> dict[str, float]:
     model.train()
-    steps_per_epoch = len(loader)
+    micro_batches = len(loader)
+    steps_per_epoch = math.ceil(micro_batches / cfg.accumulate)
     sums: dict[str, float] = {}
     count = 0
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         leave=False,
-        disable=True if cfg.quiet else None,  # None: no bar when stderr is not a terminal
+        # None: no bar when stderr is not a terminal; only rank 0 draws one
+        disable=True if cfg.quiet or not distrib.info().is_main else None,
         dynamic_ncols=True,
     )
-    for batch in bar:
+    for i, batch in enumerate(bar):
         batch = to_device(batch, device, cfg.channels_last)
-        set_lr(optimizer, cfg.lr, lr_factor(state.step, steps_per_epoch, cfg))
-        with autocast(device, dtype):
-            outputs = train_module(task.inputs(batch))
-            loss, logs = task.loss(outputs, batch)
-        if not torch.isfinite(loss):
-            last = state.weights_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; {kept}. "
-                "Lower --lr, enable --grad-clip, or check the labels."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        window_start = i % cfg.accumulate == 0
+        step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == micro_batches
+        if window_start:
+            set_lr(optimizer, cfg.lr, lr_factor(state.step, steps_per_epoch, cfg))
+            optimizer.zero_grad(set_to_none=True)
+        # Between optimizer steps, DDP need not all-reduce the gradients it accumulates.
+        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if not step_now and isinstance(train_module, nn.parallel.DistributedDataParallel):
+            sync = train_module.no_sync()
+        with sync:
+            with autocast(device, dtype):
+                outputs = train_module(task.inputs(batch))
+                loss, logs = task.loss(outputs, batch)
+            if not torch.isfinite(loss):
+                last = state.weights_dir / "last.pt"
+                kept = (
+                    f"the last good checkpoint is {last}"
+                    if last.exists()
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; {kept}. "
+                    "Lower --lr, enable --grad-clip, or check the labels."
+                )
+            window = min(cfg.accumulate, micro_batches - (i - i % cfg.accumulate))
+            scaler.scale(loss / window if window > 1 else loss).backward()
+        count += 1
+        if not step_now:
+            continue
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
@@ -375,7 +433,6 @@ def _train_epoch(
         if ema is not None:
             ema.update(model)
         state.step += 1
-        count += 1
         for k, v in {"loss": loss.item(), **logs}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")

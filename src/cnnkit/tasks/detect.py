@@ -239,6 +239,15 @@ class DetectionEvaluator:
     def state(self) -> dict[str, torch.Tensor]:
         return {"confusion": self.confusion}
 
+    def shard_records(self) -> list[Any]:
+        """Per-image matching results of this process (combined across processes before ``compute``)."""
+        return self.coco.images
+
+    def merge_shards(self, per_rank: Sequence[list[Any]]) -> None:
+        from cnnkit.engine.distributed import interleave
+
+        self.coco.images = interleave(per_rank)
+
     def compute(self) -> dict[str, float]:
         self.result = self.coco.compute()
         stats = self.result.stats

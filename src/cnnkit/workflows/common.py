@@ -61,7 +61,9 @@ def preprocess(image: torch.Tensor, imgsz: int, meta: dict[str, Any]) -> torch.T
 
 def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:
     """List the files a run left out (path and reason) in ``run_dir/skipped.txt`` and say so once."""
-    if not items:
+    from cnnkit.engine.distributed import info
+
+    if not items or not info().is_main:
         return
     (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in items))
     log.warning("%d files skipped; listed in %s", len(items), run_dir / "skipped.txt")
