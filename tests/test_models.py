@@ -62,7 +62,7 @@ def small_input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 
 
-NOT_CLASSIFIERS = {"localizer", "landmarker", "tinyconvnet"}  # task heads, tested in test_localize.py
+NOT_CLASSIFIERS = {"localizer", "landmarker", "tinyconvnet", "yolo"}  # task models, tested with their task
 CLASSIFIERS = [n for n in cnnkit.list_models() if not n.startswith("unet") and n not in NOT_CLASSIFIERS]
 
 
