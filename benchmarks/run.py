@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("bench_zoo", "bench_train", "bench_segment", "bench_sliding", "bench_detect", "bench_distributed")
+SUITES = (
+    "bench_zoo",
+    "bench_train",
+    "bench_segment",
+    "bench_sliding",
+    "bench_detect",
+    "bench_distributed",
+    "bench_export",
+)
 
 
 def main() -> None:

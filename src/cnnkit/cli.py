@@ -49,6 +49,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnkit.export import export
+
+    result = export(
+        args.weights,
+        args.format,
+        out=args.out,
+        imgsz=args.imgsz,
+        dynamic_batch=args.dynamic_batch,
+        nms=args.nms,
+        conf=args.conf,
+        iou=args.iou,
+        max_det=args.max_det,
+        opset=args.opset,
+        tolerance=args.tolerance,
+    )
+    print(
+        f"{result.path} ({result.format}; outputs {', '.join(result.outputs)}): max difference from PyTorch "
+        f"{result.max_diff:.2e} (tolerance {result.tolerance:.0e}), {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnkit.benchmark import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        benchmark(
+            args.model, imgsz=args.imgsz, batch=args.batch, repeats=args.repeats, onnx=args.onnx
+        ).table()
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -68,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job end to end on built-in data")
     p.add_argument("--out", default="runs/demo", help="where the data and runs go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="export weights to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("--weights", required=True, help="cnnkit weights (.safetensors)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="output file (default: beside the weights)")
+    p.add_argument("--imgsz", type=int, help="input size (default: the training size)")
+    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--nms", action="store_true", help="detection, ONNX: thresholds and NMS in the graph")
+    p.add_argument("--conf", type=float, default=0.25, help="--nms score threshold")
+    p.add_argument("--iou", type=float, default=0.45, help="--nms IoU threshold")
+    p.add_argument("--max-det", type=int, default=100, help="--nms: boxes kept per class and image")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max difference relative to output scale")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "benchmark", help="latency and throughput: PyTorch, fast path, TorchScript, ONNX Runtime"
+    )
+    p.add_argument("model", help="a registered model name (random weights) or a cnnkit weights file")
+    p.add_argument("--imgsz", type=int, help="input size (default: the weights' training size, or 224)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_benchmark)
 
     from cnnkit.cli_tasks import add_commands
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from cnnkit.cli_tasks import _report, add_train_options, train_config
+from cnnkit.cli_tasks import FAST_HELP, _report, add_train_options, train_config
 
 
 def _anchors_arg(text: str | None) -> tuple[tuple[tuple[float, float], ...], ...] | None:
@@ -76,6 +76,7 @@ def cmd_val_detect(args: argparse.Namespace) -> int:
         device=args.device,
         conf=args.conf,
         iou=args.iou,
+        fast=args.fast,
     )
     names = read_metadata(args.weights).get("class_names")
     rows = evaluator.per_class(names)
@@ -104,6 +105,7 @@ def cmd_predict_detect(args: argparse.Namespace) -> int:
         max_det=args.max_det,
         agnostic=args.agnostic,
         device=args.device,
+        fast=args.fast,
     )
     collected = []
     for p in preds:
@@ -163,6 +165,7 @@ def add_detect_commands(sub: Any, train: Any, val: Any, predict: Any) -> None:
     p.add_argument("--conf", type=float, default=0.001)
     p.add_argument("--iou", type=float, default=0.6)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_val_detect)
 
@@ -176,6 +179,7 @@ def add_detect_commands(sub: Any, train: Any, val: Any, predict: Any) -> None:
     p.add_argument("--save-img", action="store_true", help="write the images with boxes drawn to --out")
     p.add_argument("--out", default="runs/predict/detect")
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true", help="COCO-style results on stdout")
     p.set_defaults(func=cmd_predict_detect)
 

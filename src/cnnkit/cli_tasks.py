@@ -10,6 +10,8 @@ from typing import Any
 
 from cnnkit.engine.config import TrainConfig, config_from_dict, load_yaml
 
+FAST_HELP = "fast inference path: folded BatchNorm, channels-last, bf16/fp16 autocast (--no-fast: fp32)"
+
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Engine options shared by every task's ``train`` (defaults from :class:`TrainConfig`)."""
@@ -107,7 +109,7 @@ def cmd_val_classify(args: argparse.Namespace) -> int:
     from cnnkit.workflows import classify
 
     metrics, evaluator = classify.val(
-        args.weights, args.data, batch=args.batch, imgsz=args.imgsz, device=args.device
+        args.weights, args.data, batch=args.batch, imgsz=args.imgsz, device=args.device, fast=args.fast
     )
     if args.json:
         print(
@@ -132,7 +134,7 @@ def _names(weights: str) -> list[str] | None:
 def cmd_predict_classify(args: argparse.Namespace) -> int:
     from cnnkit.workflows import classify
 
-    preds = classify.predict(args.weights, args.sources, topk=args.topk, device=args.device)
+    preds = classify.predict(args.weights, args.sources, topk=args.topk, device=args.device, fast=args.fast)
     if args.json:
         print(classify.predictions_to_json(preds))
         return 0
@@ -174,7 +176,9 @@ def cmd_train_segment(args: argparse.Namespace) -> int:
 def cmd_val_segment(args: argparse.Namespace) -> int:
     from cnnkit.workflows import segment
 
-    metrics, evaluator = segment.val(args.weights, args.data, batch=args.batch, device=args.device)
+    metrics, evaluator = segment.val(
+        args.weights, args.data, batch=args.batch, device=args.device, fast=args.fast
+    )
     names = _names(args.weights) or [str(i) for i in range(evaluator.num_classes)]
     per = {k: v.tolist() for k, v in evaluator.per_class().items()}
     if args.json:
@@ -190,7 +194,7 @@ def cmd_predict_segment(args: argparse.Namespace) -> int:
     from cnnkit.workflows import segment
 
     results = []
-    for p in segment.predict(args.weights, args.sources, out=args.out, device=args.device):
+    for p in segment.predict(args.weights, args.sources, out=args.out, device=args.device, fast=args.fast):
         classes = sorted(int(c) for c in set(p.mask.flatten().tolist()))
         results.append({"path": p.path, "mask": p.mask_file, "overlay": p.overlay_file, "classes": classes})
         if not args.json:
@@ -230,7 +234,7 @@ def cmd_train_localize(args: argparse.Namespace) -> int:
 def cmd_val_localize(args: argparse.Namespace) -> int:
     from cnnkit.workflows import localize
 
-    metrics = localize.val(args.weights, args.task, args.data, device=args.device)
+    metrics = localize.val(args.weights, args.task, args.data, device=args.device, fast=args.fast)
     print(
         json.dumps(metrics, indent=2) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     )
@@ -242,7 +246,13 @@ def cmd_predict_localize(args: argparse.Namespace) -> int:
 
     results = []
     for p in localize.predict(
-        args.weights, args.task, args.sources, out=args.out, threshold=args.conf, device=args.device
+        args.weights,
+        args.task,
+        args.sources,
+        out=args.out,
+        threshold=args.conf,
+        device=args.device,
+        fast=args.fast,
     ):
         results.append(
             {
@@ -353,6 +363,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--imgsz", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_val_classify)
 
@@ -361,6 +372,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--data", required=True, help="the dataset root; its validation split is used")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_val_segment)
 
@@ -372,6 +384,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("sources", nargs="+", help="image files, folders or globs")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict_classify)
 
@@ -380,6 +393,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("sources", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", default="runs/predict/segment", help="where masks/ and overlays/ are written")
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict_segment)
 
@@ -388,6 +402,7 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--weights", required=True)
         p.add_argument("--data", help="default: the training data (its validation split)")
         p.add_argument("--device", default="auto")
+        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_val_localize)
         p = predict.add_parser(task)
@@ -396,6 +411,7 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--out", default=f"runs/predict/{task}", help="where the drawn images go")
         p.add_argument("--conf", type=float, default=0.5, help="localize: objectness threshold")
         p.add_argument("--device", default="auto")
+        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_predict_localize)
 

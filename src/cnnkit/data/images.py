@@ -8,9 +8,11 @@ RGBA, palette and 16-bit images all come out as 8-bit RGB.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _FAST = {".jpg", ".jpeg", ".png", ".webp"}
+log = logging.getLogger("cnnkit")
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
 # decoders available here, and Pillow takes over if they are ever removed.
@@ -92,16 +95,72 @@ def verify_image(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def iter_images(sources: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
-    """Files, folders (recursively) and glob patterns, in order; non-images in folders are ignored."""
+def iter_images(sources: Iterable[str | os.PathLike[str]], *, videos: bool = False) -> Iterator[Path]:
+    """Files, folders (recursively) and glob patterns, in order; other files in folders and glob matches
+    are ignored (video files are kept with ``videos=True``)."""
+
+    def wanted(p: str | os.PathLike[str]) -> bool:
+        return is_image(p) or (videos and is_video(p))
+
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and wanted(p))
         elif path.is_file():
             yield path
         else:
             matches = sorted(glob.glob(str(src), recursive=True))
             if not matches:
                 raise DataError(f"{src}: no such file, folder or glob match")
-            yield from (Path(m) for m in matches if is_image(m))
+            yield from (Path(m) for m in matches if wanted(m))
+
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+def is_video(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(VIDEO_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image to predict on: a picture, or frame ``index`` of a video file."""
+
+    path: Path
+    image: torch.Tensor  # [3, H, W] uint8 RGB
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.index is None else f"{self.path}#{self.index}"
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.index is None else f"{self.path.stem}_{self.index:06d}"
+
+
+def iter_frames(sources: Iterable[str | os.PathLike[str]]) -> Iterator[Frame]:
+    """Decoded images and video frames of files, folders and globs, one at a time (nothing is held
+    beyond the current frame). An unreadable image or a broken video is logged and skipped."""
+    for path in iter_images(sources, videos=True):
+        if is_video(path):
+            yield from _video_frames(path)
+            continue
+        try:
+            yield Frame(path, read_image(path))
+        except DataError as exc:
+            log.warning("skipping %s", exc)
+
+
+def _video_frames(path: Path) -> Iterator[Frame]:
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{path}: reading video needs PyAV: pip install av (or cnnkit[video])") from None
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                yield Frame(path, rgb.permute(2, 0, 1).contiguous(), i)
+    except av.FFmpegError as exc:
+        log.warning("skipping the rest of %s: %s", path, exc)

@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
-from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.images import iter_frames
 from cnnkit.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +25,7 @@ from cnnkit.data.transforms import (
     classify_train_transform,
 )
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import amp_dtype, autocast, select_device
+from cnnkit.engine.device import select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
 from cnnkit.engine.trainer import (
     FitResult,
@@ -34,6 +34,7 @@ from cnnkit.engine.trainer import (
     seed_everything,
 )
 from cnnkit.errors import DataError
+from cnnkit.inference import prepare
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.workflows.common import (
     evaluate_dataset,
@@ -260,6 +261,7 @@ def val(
     imgsz: int | None = None,
     device: str = "auto",
     workers: int = 2,
+    fast: bool = True,
 ) -> tuple[dict[str, float], ClassificationEvaluator]:
     """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name)."""
     model, meta = load_classifier(weights)
@@ -278,7 +280,9 @@ def val(
         else ClassificationDataset.from_folder(data, transform, names)
     )
     task = ClassificationTask(len(dataset.class_names))
-    metrics, evaluator = evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers)
+    metrics, evaluator = evaluate_dataset(
+        task, model, dataset, batch=batch, device=device, workers=workers, fast=fast
+    )
     return metrics, evaluator
 
 
@@ -296,39 +300,32 @@ def predict(
     topk: int = 5,
     batch: int = 32,
     device: str = "auto",
+    fast: bool = True,
 ) -> Iterable[Prediction]:
-    """Classify images (files, folders or globs), yielding predictions as batches complete.
+    """Classify images (files, folders or globs, and video frames), yielding predictions as batches
+    complete; ``fast=False`` runs in fp32 without the fast inference path.
 
     Unreadable images are reported in the log and skipped.
     """
     model, meta = load_classifier(weights)
-    dev = select_device(device)
-    model.to(dev)
+    prepared = prepare(model, select_device(device), fast)
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
-    dtype = amp_dtype("auto", dev)
     k = min(topk, len(names))
-    paths: list[Path] = []
+    paths: list[str] = []
     tensors: list[torch.Tensor] = []
 
     def flush() -> Iterable[Prediction]:
-        x = torch.stack(tensors).to(dev)
-        with autocast(dev, dtype):
-            probs = model(x).float().softmax(1)
+        probs = prepared(torch.stack(tensors)).float().softmax(1)
         top = probs.topk(k, 1)
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
-            yield Prediction(str(p), [(names[i], round(v, 6)) for v, i in zip(values, indices)])
+            yield Prediction(p, [(names[i], round(v, 6)) for v, i in zip(values, indices)])
         paths.clear()
         tensors.clear()
 
-    for path in iter_images(sources):
-        try:
-            img = read_image(path)
-        except DataError as exc:
-            log.warning("skipping %s", exc)
-            continue
-        paths.append(path)
-        tensors.append(transform(img))
+    for frame in iter_frames(sources):
+        paths.append(frame.name)
+        tensors.append(transform(frame.image))
         if len(tensors) == batch:
             yield from flush()
     if tensors:

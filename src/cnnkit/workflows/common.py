@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import amp_dtype, select_device
+from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import evaluate, load_training_state, make_loader
 from cnnkit.errors import CnnkitError
+from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task
 from cnnkit.weights import read_metadata
 
@@ -82,10 +83,14 @@ def evaluate_dataset(
     batch: int,
     device: str,
     workers: int,
-    amp: bool = True,
+    fast: bool = True,
+    collate_fn: Any = None,
 ) -> tuple[dict[str, float], Any]:
-    """One validation pass of ``model`` over ``dataset`` on ``device`` (autocast when ``amp``)."""
+    """One validation pass of ``model`` over ``dataset`` on ``device``; ``fast``: the fast inference path
+    (:mod:`cnnkit.inference`: folded BatchNorm, channels-last, reduced-precision autocast)."""
     dev = select_device(device)
-    model.to(dev)
-    loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev)
-    return evaluate(task, model, loader, dev, amp_dtype("auto", dev) if amp else None, progress=True)
+    prepared = prepare(model, dev, fast)
+    loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev, collate_fn=collate_fn)
+    return evaluate(
+        task, prepared.model, loader, dev, prepared.dtype, progress=True, channels_last=prepared.channels_last
+    )

@@ -23,16 +23,18 @@ from cnnkit.api import create_model
 from cnnkit.data.classify import split_dataset
 from cnnkit.data.detect import DetReport, DetSample, read_coco, read_voc, read_yolo
 from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
-from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.images import iter_frames
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import amp_dtype, autocast, select_device
-from cnnkit.engine.trainer import FitResult, evaluate, fit, make_loader, new_run_dir, seed_everything
+from cnnkit.engine.device import select_device
+from cnnkit.engine.trainer import FitResult, fit, new_run_dir, seed_everything
 from cnnkit.errors import DataError
+from cnnkit.inference import prepare
 from cnnkit.io import load_yaml
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.workflows.common import (
+    evaluate_dataset,
     lists_to_tuples,
     load_task_model,
     rebuild_model,
@@ -298,6 +300,7 @@ def val(
     workers: int = 2,
     conf: float = 0.001,
     iou: float = 0.6,
+    fast: bool = True,
 ) -> tuple[dict[str, float], DetectionEvaluator]:
     """COCO metrics on the validation split of ``data`` (default: the training data's)."""
     model, meta = load_detector(weights)
@@ -312,11 +315,10 @@ def val(
     )
     _report_data(ds, str(source))
     val_set = DetectionDataset(ds.val, int(meta["imgsz"]), False)
-    dev = select_device(device)
-    model.to(dev)
     task = _task(model, meta["class_names"], opts, eval_conf=conf, eval_iou=iou)
-    loader = make_loader(val_set, batch, shuffle=False, workers=workers, device=dev, collate_fn=collate)
-    return evaluate(task, model, loader, dev, amp_dtype("auto", dev), progress=True)
+    return evaluate_dataset(
+        task, model, val_set, batch=batch, device=device, workers=workers, fast=fast, collate_fn=collate
+    )
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ def predict(
     max_det: int = 300,
     agnostic: bool = False,
     device: str = "auto",
+    fast: bool = True,
 ) -> Iterator[DetPrediction]:
     """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
     written there with its boxes, classes and scores drawn."""
@@ -347,39 +350,31 @@ def predict(
     opts = _options(meta["options"])
     names = list(meta["class_names"])
     task = _task(model, names, opts)
-    dev = select_device(device)
-    model.to(dev)
-    dtype = amp_dtype("auto", dev)
+    prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    for path in iter_images(sources):
-        try:
-            image = read_image(path)
-        except DataError as exc:
-            log.warning("skipping %s", exc)
-            continue
+    for frame in iter_frames(sources):
+        image = frame.image
         boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
-        x = ((boxed.float() / 255 - mean) / std)[None].to(dev)
-        with autocast(dev, dtype):
-            outputs = model(x)
+        outputs = prepared(((boxed.float() / 255 - mean) / std)[None])
         det = task.postprocess(
             [o.float() for o in outputs], conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
         )[0]
         boxes = unletterbox(det.boxes.cpu(), info)
         classes = det.labels.cpu().tolist()
         pred = DetPrediction(
-            str(path),
+            frame.name,
             [tuple(b) for b in boxes.tolist()],  # type: ignore[misc]
             det.scores.cpu().tolist(),
             [names[c] for c in classes],
             classes,
         )
         if out_dir is not None:
-            drawn = out_dir / f"{path.stem}.jpg"
+            drawn = out_dir / f"{frame.stem}.jpg"
             draw_detections(image, pred, drawn)
             pred = DetPrediction(pred.path, pred.boxes, pred.scores, pred.labels, pred.classes, str(drawn))
         yield pred

@@ -15,7 +15,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import split_dataset
-from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.images import iter_frames
 from cnnkit.data.localize import (
     LandmarkDataset,
     LocalizationDataset,
@@ -32,6 +32,7 @@ from cnnkit.engine.trainer import (
     seed_everything,
 )
 from cnnkit.errors import CnnkitError, DataError
+from cnnkit.inference import prepare
 from cnnkit.ops.boxes import clip
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
 from cnnkit.workflows.common import evaluate_dataset, load_task_model, preprocess, rebuild_model, resume_point
@@ -172,13 +173,14 @@ def val(
     batch: int = 32,
     device: str = "auto",
     workers: int = 2,
+    fast: bool = True,
 ) -> dict[str, float]:
     """Metrics on the validation split of ``data`` (default: the training data's)."""
     model, meta = load(weights, task)
     cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
     the_task, _, val_set = _task_and_sets({**meta, "data": str(data or meta["data"])}, cfg)
     metrics, _ = evaluate_dataset(
-        the_task, model, val_set, batch=batch, device=device, workers=workers, amp=False
+        the_task, model, val_set, batch=batch, device=device, workers=workers, fast=fast
     )
     return metrics
 
@@ -203,23 +205,19 @@ def predict(
     out: str | os.PathLike[str] | None = None,
     threshold: float = 0.5,
     device: str = "auto",
+    fast: bool = True,
 ) -> Iterator[LocPrediction]:
     """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""
     model, meta = load(weights, task)
-    dev = select_device(device)
-    model.to(dev)
+    prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    for path in iter_images(sources):
-        try:
-            image = read_image(path)
-        except DataError as exc:
-            log.warning("skipping %s", exc)
-            continue
+    for frame in iter_frames(sources):
+        image = frame.image
         h, w = image.shape[-2:]
-        y = model(preprocess(image, imgsz, meta).to(dev)).float().cpu()
+        y = prepared(preprocess(image, imgsz, meta)).float().cpu()
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         if task == "localize":
             p_obj = float(y[0, 0].sigmoid())
@@ -228,12 +226,12 @@ def predict(
             found = p_obj >= threshold
             box = tuple(clip(loc_boxes_xyxy(y)[0] * scale, h, w).tolist()) if found else None
             label, points = (meta["class_names"][c] if found else None), None
-            pred = LocPrediction(str(path), p_obj, label, float(probs[c]), box, None, None)  # type: ignore[arg-type]
+            pred = LocPrediction(frame.name, p_obj, label, float(probs[c]), box, None, None)  # type: ignore[arg-type]
         else:
             points = [(float(px * w), float(py * h)) for px, py in y[0].tolist()]
-            pred = LocPrediction(str(path), 1.0, None, 1.0, None, points, None)
+            pred = LocPrediction(frame.name, 1.0, None, 1.0, None, points, None)
         if out_dir is not None:
-            drawn = out_dir / f"{path.stem}.png"
+            drawn = out_dir / f"{frame.stem}.png"
             draw_prediction(image, pred, drawn)
             pred = LocPrediction(
                 pred.path, pred.object_prob, pred.label, pred.class_prob, pred.box, pred.points, str(drawn)

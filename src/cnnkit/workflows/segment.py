@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from cnnkit.api import create_model
-from cnnkit.data.images import iter_images, read_image
+from cnnkit.data.images import iter_frames
 from cnnkit.data.segment import (
     SegmentationDataset,
     SegmentationTransform,
@@ -26,14 +26,15 @@ from cnnkit.data.segment import (
 )
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import amp_dtype, autocast, select_device
+from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import (
     FitResult,
     fit,
     new_run_dir,
     seed_everything,
 )
-from cnnkit.errors import CnnkitError, DataError
+from cnnkit.errors import CnnkitError
+from cnnkit.inference import prepare
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
 from cnnkit.workflows.common import (
     evaluate_dataset,
@@ -161,6 +162,7 @@ def val(
     batch: int = 16,
     device: str = "auto",
     workers: int = 2,
+    fast: bool = True,
 ) -> tuple[dict[str, float], SegmentationEvaluator]:
     """Evaluate on the validation split of ``data`` (the split the training used, by the same seed)."""
     model, meta = load_segmenter(weights)
@@ -169,7 +171,9 @@ def val(
     _, val_set, names, spec = _datasets(data, cfg, SegmentOptions(), fraction, meta["class_names"])
     binary = getattr(model, "num_classes", 0) == 1
     task = _task(names, spec.ignore_index, SegmentOptions(binary=bool(binary)))
-    metrics, evaluator = evaluate_dataset(task, model, val_set, batch=batch, device=device, workers=workers)
+    metrics, evaluator = evaluate_dataset(
+        task, model, val_set, batch=batch, device=device, workers=workers, fast=fast
+    )
     return metrics, evaluator
 
 
@@ -189,6 +193,7 @@ def predict(
     out: str | os.PathLike[str] | None = None,
     device: str = "auto",
     alpha: float = 0.5,
+    fast: bool = True,
 ) -> Iterator[SegmentPrediction]:
     """Segment images (files, folders, globs) one at a time, at their own size.
 
@@ -196,36 +201,28 @@ def predict(
     and ``out/overlays/<stem>.jpg`` (the colours blended over the image).
     """
     model, meta = load_segmenter(weights)
-    dev = select_device(device)
-    model.to(dev)
+    prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     cmap = color_map(256)
-    dtype = amp_dtype("auto", dev)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         (out_dir / "masks").mkdir(parents=True, exist_ok=True)
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    for path in iter_images(sources):
-        try:
-            image = read_image(path)
-        except DataError as exc:
-            log.warning("skipping %s", exc)
-            continue
+    for frame in iter_frames(sources):
+        image = frame.image
         h, w = image.shape[-2:]
-        x = preprocess(image, imgsz, meta).to(dev)
-        with autocast(dev, dtype):
-            logits = model(x).float()
+        logits = prepared(preprocess(image, imgsz, meta)).float()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         mask = predict_classes(logits)[0].to(torch.uint8).cpu().numpy()
         mask_file = overlay_file = None
         if out_dir is not None:
             m = Image.fromarray(mask, mode="P")
             m.putpalette(cmap.flatten().tolist())
-            mask_file = str(out_dir / "masks" / f"{path.stem}.png")
+            mask_file = str(out_dir / "masks" / f"{frame.stem}.png")
             m.save(mask_file)
             rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
             colour = cmap[mask].astype(np.float32)
             blend = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * colour, rgb)
-            overlay_file = str(out_dir / "overlays" / f"{path.stem}.jpg")
+            overlay_file = str(out_dir / "overlays" / f"{frame.stem}.jpg")
             Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(overlay_file, quality=92)
-        yield SegmentPrediction(str(path), mask, mask_file, overlay_file)
+        yield SegmentPrediction(frame.name, mask, mask_file, overlay_file)

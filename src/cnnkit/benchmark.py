@@ -1,0 +1,156 @@
+"""``cnnkit benchmark``: latency (batch 1) and throughput (batch N) of one model run four ways -- PyTorch
+fp32 eager, the fast path (:mod:`cnnkit.inference`), TorchScript and ONNX Runtime -- with the achieved
+GFLOP/s set against this machine's matrix-multiply peak, timed in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.api import create_model
+from cnnkit.errors import CnnkitError
+from cnnkit.export import DecodedDetector
+from cnnkit.inference import fold_batchnorm, prepare
+from cnnkit.summary import summarize
+
+
+@dataclass(frozen=True)
+class Row:
+    runtime: str
+    latency_ms: float  # batch 1, median
+    throughput: float  # images/s at the batch size
+    gflops: float  # achieved at the batch size (2 x multiply-adds per image x images/s)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model: str
+    imgsz: int
+    batch: int
+    threads: int
+    gmacs: float  # per image
+    gemm_fp32: float  # GFLOP/s of a large fp32 matrix multiply on this machine, now
+    gemm_bf16: float | None
+    rows: list[Row]
+
+    def table(self) -> str:
+        lines = [
+            f"{self.model} at {self.imgsz}x{self.imgsz}, batch {self.batch}, {self.threads} threads; "
+            f"{self.gmacs:.3f} GMACs per image",
+            f"matmul peak (same run): fp32 {self.gemm_fp32:.0f} GFLOP/s"
+            + (f", bf16 {self.gemm_bf16:.0f} GFLOP/s" if self.gemm_bf16 else ""),
+            f"{'runtime':<22}{'latency b=1':>14}{'throughput':>16}{'GFLOP/s':>10}{'of fp32 peak':>14}",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{r.runtime:<22}{r.latency_ms:>11.2f} ms{r.throughput:>11.1f} img/s{r.gflops:>10.0f}"
+                f"{100 * r.gflops / self.gemm_fp32:>13.0f}%"
+            )
+        return "\n".join(lines)
+
+
+def _median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> float:
+    fn()
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` matrix multiply (``2 n^3`` flops) on the CPU, median of ``repeats``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / _median_time(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def _load(model: str, imgsz: int | None) -> tuple[str, nn.Module, int]:
+    if Path(model).is_file():
+        from cnnkit.weights import read_metadata
+
+        meta = read_metadata(model)
+        net = create_model(None, weights=model).eval()
+        if meta.get("task") == "detect":
+            net = DecodedDetector(net)
+        return str(meta.get("model", model)), net, int(imgsz or meta.get("imgsz") or 224)
+    return model, create_model(model).eval(), int(imgsz or 224)
+
+
+def benchmark(
+    model: str, *, imgsz: int | None = None, batch: int = 8, repeats: int = 10, onnx: bool = True
+) -> BenchReport:
+    """Time ``model`` (a registered name, random weights, or a cnnkit weights file) every way."""
+    name, net, size = _load(model, imgsz)
+    cpu = torch.device("cpu")
+    x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
+    gmacs = summarize(net.model if isinstance(net, DecodedDetector) else net, size).macs / 1e9
+    runners: dict[str, Callable[[torch.Tensor], object]] = {}
+
+    def eager(x: torch.Tensor) -> object:
+        with torch.inference_mode():
+            return net(x)
+
+    runners["pytorch fp32"] = eager
+    runners["fast path fp32"] = prepare(net, cpu, True, reduced=False)
+    fast = prepare(net, cpu, True)
+    if fast.dtype is not None:
+        runners[f"fast path {str(fast.dtype).split('.')[-1]}"] = fast
+    folded, _ = fold_batchnorm(net)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.freeze(torch.jit.trace(folded, x1, check_trace=False))  # type: ignore[no-untyped-call]
+
+    def torchscript(x: torch.Tensor) -> object:
+        with torch.inference_mode():
+            return scripted(x)
+
+    runners["torchscript (frozen)"] = torchscript
+    if onnx:
+        session = _onnx_session(folded, x1)
+        if session is not None:
+            runners["onnxruntime"] = lambda x: session.run(None, {"images": x.numpy()})
+    rows = []
+    for label, run in runners.items():
+        latency = _median_time(lambda r=run: r(x1), repeats)  # type: ignore[misc]
+        per_batch = _median_time(lambda r=run: r(xb), max(3, repeats // 2))  # type: ignore[misc]
+        throughput = batch / per_batch
+        rows.append(Row(label, latency * 1e3, throughput, 2 * gmacs * throughput))
+    bf16 = matmul_peak(torch.bfloat16) if fast.dtype is torch.bfloat16 else None
+    return BenchReport(name, size, batch, torch.get_num_threads(), gmacs, matmul_peak(), bf16, rows)
+
+
+def _onnx_session(net: nn.Module, example: torch.Tensor) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                net, (example,), dynamo=True, input_names=["images"], dynamic_shapes=shapes, verbose=False
+            )
+        except Exception as exc:  # an architecture the exporter cannot handle: report, do not fail
+            raise CnnkitError(f"ONNX export of the model failed: {exc}") from exc
+    assert program is not None
+    program.save(str(path), external_data=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

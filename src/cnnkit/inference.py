@@ -1,0 +1,88 @@
+"""The fast inference path: BatchNorm folded into the convolution before it, channels-last memory,
+reduced-precision autocast (bf16 on CPUs with native bf16, fp16 on CUDA) and ``torch.inference_mode``.
+
+:func:`fold_batchnorm` is exact up to rounding (``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta``
+becomes one convolution with scaled weights and a bias); the reduced precision is what changes results,
+which is why ``predict``/``val`` use it only for tasks where it keeps them (measured in the tests) and
+take ``fast=False`` to turn it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from cnnkit.engine.device import amp_dtype, autocast
+from cnnkit.layers.frozen_bn import FrozenBatchNorm2d
+
+
+def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> nn.Conv2d:
+    fused = copy.deepcopy(conv)
+    assert bn.running_mean is not None and bn.running_var is not None
+    w, b = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    fused.weight, fused.bias = w, b
+    return fused
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``model`` (in eval mode) whose ``Conv2d -> BatchNorm2d`` pairs inside ``nn.Sequential``
+    containers (every :class:`~cnnkit.layers.ConvNormAct`, projection shortcuts, VGG-BN...) are one
+    convolution; returns ``(model, number of folded pairs)``."""
+    model = copy.deepcopy(model).eval()
+    folded = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for a, b in itertools.pairwise(names):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d | FrozenBatchNorm2d):
+                if bn.running_mean is None:  # BatchNorm without running statistics cannot be folded
+                    continue
+                module._modules[a] = _fuse(conv, bn)
+                module._modules[b] = nn.Identity()
+                folded += 1
+    return model, folded
+
+
+@dataclass
+class FastModel:
+    """A model prepared for inference and how to call it: ``with fast.context(): y = fast(x)``."""
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+    channels_last: bool
+    folded: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            return self.model(x)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            yield
+
+
+def prepare(model: nn.Module, device: torch.device, fast: bool = True, *, reduced: bool = True) -> FastModel:
+    """``model`` on ``device`` in eval mode; with ``fast``, BatchNorm folded and channels-last, plus
+    reduced-precision autocast where the device has it (unless ``reduced=False``: fp32)."""
+    if not fast:
+        return FastModel(model.eval().to(device), device, None, False)
+    folded_model, n = fold_batchnorm(model)
+    folded_model.to(device)
+    folded_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return FastModel(folded_model, device, amp_dtype("auto", device) if reduced else None, True, n)
