@@ -357,3 +357,52 @@ def test_cli_train_val_predict_detect(tmp_path: Path) -> None:
     anchors = _cli("anchors", "--data", str(data), "-k", "4", "--imgsz", "64", cwd=tmp_path)
     assert "mean best IoU" in anchors
     _cli("train", "detect", "--resume", str(run), cwd=tmp_path)  # finished run: resumes to its end at once
+
+
+def test_polygon_label_lines_become_their_bounding_box(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cnnkit.data.detect import read_yolo
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (100, 50)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "labels" / "a.txt").write_text("1 0.1 0.2 0.5 0.2 0.3 0.8\n0 0.5 0.5 0.2 0.2 0.9\n")
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images\nnames: [a, b]\n")
+    samples, _, report = read_yolo(tmp_path / "data.yaml")
+    assert report.problems == []
+    torch.testing.assert_close(
+        samples[0].boxes, torch.tensor([[10.0, 10.0, 50.0, 40.0], [40.0, 20.0, 60.0, 30.0]])
+    )
+    assert samples[0].labels.tolist() == [1, 0]
+
+
+@pytest.mark.slow
+def test_training_skips_bad_samples_and_strict_stops(tmp_path: Path) -> None:
+    data = write_detection(tmp_path / "det", n_train=24, n_val=8, seed=4)
+    labels = data / "labels" / "train"
+    (labels / "00001.txt").write_text("3 0.5 0.5 0.2\n")  # malformed line
+    (labels / "00002.txt").write_text("0 0.5 0.5 0.2 0.2\n42 0.5 0.5 0.2 0.2\n")  # unknown class, line 2
+    (data / "images" / "train" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # corrupt image
+    args = [
+        "train",
+        "detect",
+        "--data",
+        str(data),
+        "--backbone-args",
+        '{"width": 0.25}',
+        "--strides",
+        "8",
+        "16",
+    ]
+    common = ["--epochs", "1", "--batch", "8", "--imgsz", "64", "--workers", "0", "--quiet"]
+    _cli(*args, *common, "--project", str(tmp_path / "runs"), cwd=tmp_path)
+    skipped = (tmp_path / "runs" / "detect" / "exp" / "skipped.txt").read_text()
+    assert "00001.txt:1" in skipped and "00002.txt:2" in skipped and "00003.png" in skipped
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *args, *common, "--strict", "--project", str(tmp_path / "strict")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2 and "00001.txt:1" in proc.stderr and "Traceback" not in proc.stderr

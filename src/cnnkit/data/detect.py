@@ -43,6 +43,11 @@ class DetReport:
     dropped: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
 
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(where, why)`` of every skipped sample."""
+        pairs = [p.split(": ", 1) for p in self.problems]
+        return [(p[0], p[1] if len(p) > 1 else "skipped") for p in pairs]
+
     def summary(self) -> str:
         parts = []
         if self.clipped:
@@ -119,7 +124,8 @@ def read_yolo(
     data_yaml: str | os.PathLike[str], split: str = "train", *, strict: bool = False
 ) -> tuple[list[DetSample], list[str], DetReport]:
     """An ultralytics-style set: ``data.yaml`` with ``path``, ``train``/``val`` and ``names``; label files
-    ``class cx cy w h`` (normalised) under the matching ``labels/`` folder."""
+    ``class cx cy w h`` (normalised) under the matching ``labels/`` folder. Segmentation-style lines
+    (``class x1 y1 x2 y2 ...``, a polygon) count as the polygon's bounding box, as ultralytics does."""
     data_yaml = Path(data_yaml)
     cfg = load_yaml(data_yaml)
     if "names" not in cfg or split not in cfg:
@@ -142,12 +148,25 @@ def read_yolo(
             if not parts:
                 continue
             try:
-                c, cx, cy, bw, bh = int(parts[0]), *(float(v) for v in parts[1:5])
-                if len(parts) < 5:
+                c, values = int(parts[0]), [float(v) for v in parts[1:]]
+                if len(values) in (4, 5):  # a box (a fifth value, a confidence, is ignored)
+                    cx, cy, bw, bh = values[:4]
+                elif len(values) >= 6 and len(values) % 2 == 0:  # a segment polygon: its bounding box
+                    xs, ys = values[0::2], values[1::2]
+                    cx, cy, bw, bh = (
+                        (min(xs) + max(xs)) / 2,
+                        (min(ys) + max(ys)) / 2,
+                        max(xs) - min(xs),
+                        max(ys) - min(ys),
+                    )
+                else:
                     raise ValueError
             except ValueError:
                 _problem(
-                    report, f"{label_file}:{lineno}: expected 'class cx cy w h', got {line.strip()!r}", strict
+                    report,
+                    f"{label_file}:{lineno}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
+                    f"got {line.strip()!r}",
+                    strict,
                 )
                 ok = False
                 break

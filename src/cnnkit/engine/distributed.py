@@ -121,26 +121,23 @@ class ShardSampler(Sampler[int]):
     def _order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        order = self._order()
-        if self.drop_last:
-            global_batch = self.batch * self.world_size
-            usable = (self.n // global_batch) * global_batch if self.n >= global_batch else self.n
-            order = order[: usable - usable % self.world_size]
-        return iter(order[self.rank :: self.world_size])
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self._length(), self.world_size))
-
-    def _length(self) -> int:
+    def _used(self) -> int:
+        """How many positions of the order are used: all, or (training) whole global batches -- or, for a
+        set smaller than one global batch, as many as split evenly across the ranks."""
         if not self.drop_last:
             return self.n
         global_batch = self.batch * self.world_size
         usable = (self.n // global_batch) * global_batch if self.n >= global_batch else self.n
         return usable - usable % self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[: self._used()][self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self._used(), self.world_size))
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -235,7 +235,7 @@ def train(
     config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
     train_set, val_set = _datasets(ds, cfg.imgsz, opts)
     run_dir = new_run_dir(project, "detect", name)
-    record_skipped(run_dir, [(p, "skipped") for p in ds.report.problems])
+    record_skipped(run_dir, ds.report.skipped())
     meta = {
         "task": "detect",
         "class_names": ds.names,
