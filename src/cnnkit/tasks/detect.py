@@ -6,7 +6,8 @@ the letterbox that took the original image to the input (``input = original * sc
 
 **Assignment.** An object goes to the cell holding its centre, on every scale, with the anchor whose
 shape overlaps its own best over all scales (YOLOv2/v3), and also with any other anchor whose shape
-IoU reaches ``anchor_iou`` (YOLOv4's multiple anchors; 1.0 turns it off).
+IoU reaches ``anchor_iou`` (YOLOv4's multiple anchors; 1.0 turns it off). Two objects on the same (cell,
+anchor) both pull on that prediction.
 
 **Loss** (per batch, summed over images)::
 

@@ -31,6 +31,7 @@ from cnnkit.engine.trainer import FitResult, fit, new_run_dir, seed_everything
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.io import load_yaml
+from cnnkit.models.yolo import Neck
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.workflows.common import (
@@ -54,7 +55,7 @@ class DetectOptions:
     strides: tuple[int, ...] = (8, 16, 32)
     anchors_per_scale: int = 3
     anchors: tuple[tuple[tuple[float, float], ...], ...] | None = None  # None: k-means on the data
-    neck: str = "pan"
+    neck: Neck = "pan"
     neck_channels: int | None = None
     box_loss: BoxLoss = "ciou"
     anchor_iou: float = 0.5
@@ -90,40 +91,37 @@ def read_detection_data(
 ) -> DetectionData:
     """Train and validation samples, class names and what the readers fixed or skipped."""
     path = Path(data)
-    report = DetReport()
-    val_samples: list[DetSample] | None
+    val_samples: list[DetSample] | None = None
+    reports: list[DetReport] = []
     if path.is_dir() and (path / "data.yaml").is_file():
         path = path / "data.yaml"
     if path.suffix in (".yaml", ".yml"):
-        train, names, r1 = read_yolo(path, "train", strict=strict)
+        train, names, r = read_yolo(path, "train", strict=strict)
+        reports.append(r)
         split = next((k for k in ("val", "valid", "test") if load_yaml(path).get(k)), None)
-        val_samples, r2 = None, DetReport()
         if split is not None:
-            val_samples, _, r2 = read_yolo(path, split, strict=strict)
-        reports = [r1, r2]
+            val_samples, _, r = read_yolo(path, split, strict=strict)
+            reports.append(r)
     elif path.suffix == ".json" or (path.is_dir() and (path / "annotations").is_dir()):
-        train_json, val_json = (
-            (path, Path(val) if val else None) if path.suffix == ".json" else _coco_pair(path)
-        )
-        if val is not None:
-            val_json = Path(val)
-        train, names, r1 = read_coco(train_json, strict=strict)
-        val_samples, r2 = None, DetReport()
+        train_json, found_val = (path, None) if path.suffix == ".json" else _coco_pair(path)
+        val_json = Path(val) if val is not None else found_val
+        train, names, r = read_coco(train_json, strict=strict)
+        reports.append(r)
         if val_json is not None:
-            val_samples, _, r2 = read_coco(val_json, strict=strict)
-        reports = [r1, r2]
+            val_samples, _, r = read_coco(val_json, strict=strict)
+            reports.append(r)
     elif path.is_dir() and (path / "Annotations").is_dir():
-        train, names, r1 = read_voc(path, "train", strict=strict)
-        has_val = (path / "ImageSets" / "Main" / "val.txt").is_file()
-        val_samples, r2 = None, DetReport()
-        if has_val:
-            val_samples, _, r2 = read_voc(path, "val", names=names, strict=strict)
-        reports = [r1, r2]
+        train, names, r = read_voc(path, "train", strict=strict)
+        reports.append(r)
+        if (path / "ImageSets" / "Main" / "val.txt").is_file():
+            val_samples, _, r = read_voc(path, "val", names=names, strict=strict)
+            reports.append(r)
     else:
         raise DataError(
             f"{data}: not a detection dataset (expected a YOLO data.yaml, a COCO instances JSON or a folder "
             "with annotations/instances_*.json, or a Pascal VOC root with Annotations/)"
         )
+    report = DetReport()
     for r in reports:
         report.clipped.update(r.clipped)
         report.dropped.update(r.dropped)
