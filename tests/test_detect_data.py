@@ -103,3 +103,36 @@ def test_voc_reader(tmp_path: Path) -> None:
         [0.0, 0.0, 80.0, 50.0],
     ]  # 1-based -> 0-based, clipped
     assert sum(report.clipped.values()) == 1
+
+
+def test_detection_data_resolves_each_published_layout(tmp_path: Path, det_data: Path) -> None:
+    from cnnkit.workflows.detect import read_detection_data
+
+    by_yaml = read_detection_data(det_data)  # the folder holding data.yaml
+    by_json = read_detection_data(
+        det_data / "annotations" / "instances_train.json", val=det_data / "annotations" / "instances_val.json"
+    )
+    for ds in (by_yaml, by_json):
+        assert (len(ds.train), len(ds.val), len(ds.names)) == (12, 4, 10)
+    (det_data / "data.yaml").rename(det_data / "data.yaml.off")
+    try:
+        coco = read_detection_data(det_data)  # now found through annotations/
+        assert (len(coco.train), len(coco.val)) == (12, 4)
+    finally:
+        (det_data / "data.yaml.off").rename(det_data / "data.yaml")
+    voc = tmp_path / "VOC"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for i in range(5):
+        Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        (voc / "Annotations" / f"{i}.xml").write_text(
+            f"<annotation><filename>{i}.jpg</filename><object><name>cat</name><bndbox><xmin>5</xmin>"
+            "<ymin>5</ymin><xmax>20</xmax><ymax>30</ymax></bndbox></object></annotation>"
+        )
+    split = read_detection_data(voc, val_fraction=0.4)  # no ImageSets: a seeded split
+    assert (len(split.train), len(split.val)) == (3, 2) and split.names[: len(split.names)] == [
+        "aeroplane",
+        *split.names[1:],
+    ]
+    with pytest.raises(DataError, match="not a detection dataset"):
+        read_detection_data(tmp_path / "nothing")
