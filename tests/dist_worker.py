@@ -93,3 +93,4 @@ if __name__ == "__main__":
         run_fit(out, int(sys.argv[3]), int(sys.argv[4]))
     else:
         run_metrics(out)
+    distributed.cleanup()

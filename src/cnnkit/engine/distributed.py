@@ -76,6 +76,12 @@ def setup(device: str = "auto") -> DistInfo:
     return env
 
 
+def barrier() -> None:
+    """Wait for every process (no-op on one)."""
+    if info().enabled:
+        dist.barrier()
+
+
 def cleanup() -> None:
     """Leave the process group (on success and on error)."""
     if dist.is_available() and dist.is_initialized():

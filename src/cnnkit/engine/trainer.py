@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -360,6 +361,12 @@ def _fit(
         evaluator.save_plots(run_dir, state.metadata.get("class_names"))
     for cb in cbs:
         cb.on_fit_end(state)
+    if where.enabled:
+        # Free DDP (and the communication work it holds) now, not at interpreter exit where gloo's
+        # threads can abort the process; then return together, once rank 0's files are written.
+        del train_module
+        gc.collect()
+        distrib.barrier()
     return FitResult(
         run_dir, state.metrics, state.best_fitness, state.best_epoch, state.history, trainable, frozen
     )
