@@ -63,12 +63,11 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> float:
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     fn()
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+    while len(times) < repeats:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

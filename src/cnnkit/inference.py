@@ -9,10 +9,8 @@ take ``fast=False`` to turn it off.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +54,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
 @dataclass
 class FastModel:
-    """A model prepared for inference and how to call it: ``with fast.context(): y = fast(x)``."""
+    """A model prepared for inference; calling it moves the input and runs it the prepared way."""
 
     model: nn.Module
     device: torch.device
@@ -70,11 +68,6 @@ class FastModel:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             return self.model(x)
-
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            yield
 
 
 def prepare(model: nn.Module, device: torch.device, fast: bool = True, *, reduced: bool = True) -> FastModel:

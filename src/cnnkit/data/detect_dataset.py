@@ -106,10 +106,6 @@ class DetectionDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def labels(self) -> list[torch.Tensor]:
-        return [s.labels for s in self.samples]
-
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(image uint8, boxes [n, 4], labels [n], index used)`` of the first decodable image from
         ``index`` on."""

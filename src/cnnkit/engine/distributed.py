@@ -90,9 +90,8 @@ def cleanup() -> None:
 
 def process_device(device: torch.device) -> torch.device:
     """This process's device: on CUDA, the GPU of its local rank."""
-    if device.type == "cuda" and info().enabled:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
+    where = info()
+    return torch.device("cuda", where.local_rank) if device.type == "cuda" and where.enabled else device
 
 
 class ShardSampler(Sampler[int]):

@@ -7,7 +7,6 @@ root (``ImageSets/Main/{train,val}.txt``). Without a validation split a seeded f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -427,7 +426,3 @@ def anchors(
     """k-means anchors (distance 1 - IoU) of a dataset's training boxes, letterboxed to ``imgsz``."""
     ds = read_detection_data(data, val_fraction=val_fraction, seed=seed)
     return fit_anchors(ds.train, imgsz, k, seed)
-
-
-def save_json(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    Path(path).write_text(json.dumps(results))
