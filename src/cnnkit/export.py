@@ -29,7 +29,7 @@ from torchvision.ops import boxes as tv_boxes
 from cnnkit.api import create_model
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm
-from cnnkit.ops.yolo import decode_pixels
+from cnnkit.tasks.detect import decode_outputs
 from cnnkit.weights import read_metadata
 
 log = logging.getLogger("cnnkit")
@@ -68,13 +68,8 @@ class DecodedDetector(nn.Module):
         self.strides: tuple[int, ...] = tuple(model.strides)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        boxes, scores = [], []
         anchors: torch.Tensor = self.model.anchors  # type: ignore[assignment]
-        for out, a, s in zip(self.model(x), anchors, self.strides):
-            bx, obj, cls = decode_pixels(out, a, s)
-            boxes.append(bx)
-            scores.append(obj.sigmoid().unsqueeze(-1) * cls.sigmoid())
-        return torch.cat(boxes, 1), torch.cat(scores, 1)
+        return decode_outputs(self.model(x), anchors, self.strides)
 
 
 class _NonMaxSuppression(torch.autograd.Function):

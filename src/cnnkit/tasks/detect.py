@@ -46,6 +46,20 @@ BoxLoss = Literal["ciou", "mse"]
 SCALE_BALANCE = (4.0, 1.0, 0.4, 0.1, 0.05)
 
 
+def decode_outputs(
+    outputs: Sequence[torch.Tensor], anchors: torch.Tensor, strides: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw YOLO grids (``[B, S_y, S_x, A, 5 + C]`` per scale, ``anchors [L, A, 2]`` pixels) -> every
+    prediction of every scale: ``boxes [B, N, 4]`` xyxy input pixels and ``scores [B, N, C]``
+    (objectness x class probability)."""
+    boxes, scores = [], []
+    for out, a, s in zip(outputs, anchors, strides):
+        bx, obj, cls = decode_pixels(out, a, s)
+        boxes.append(bx)
+        scores.append(obj.sigmoid().unsqueeze(-1) * cls.sigmoid())
+    return torch.cat(boxes, 1), torch.cat(scores, 1)
+
+
 def postprocess(
     outputs: Sequence[torch.Tensor],
     anchors: torch.Tensor,
@@ -57,16 +71,12 @@ def postprocess(
     multi_label: bool = False,
     agnostic: bool = False,
 ) -> list[Detections]:
-    """Raw YOLO grids (``[B, S_y, S_x, A, 5 + C]`` per scale, ``anchors [L, A, 2]`` pixels) -> per image
-    :class:`Detections` in input pixels, after thresholding and NMS."""
-    boxes, scores = [], []
-    for out, a, s in zip(outputs, anchors, strides):
-        bx, obj, cls = decode_pixels(out.float(), a, s)
-        boxes.append(bx)
-        scores.append(obj.sigmoid()[..., None] * cls.sigmoid())
+    """Raw YOLO grids (see :func:`decode_outputs`) -> per image :class:`Detections` in input pixels,
+    after thresholding and NMS."""
+    boxes, scores = decode_outputs([o.float() for o in outputs], anchors, strides)
     return multiclass_nms(
-        torch.cat(boxes, 1),
-        torch.cat(scores, 1),
+        boxes,
+        scores,
         conf=conf,
         iou=iou,
         max_det=max_det,
