@@ -1,9 +1,37 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+CliRun = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _run_cnnkit(
+    *args: str, cwd: Path | None = None, threads: int | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``python -m cnnkit ARGS`` in a child process, outside any torchrun environment of this one;
+    with ``ok`` the run must succeed (its stderr is shown when it does not)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture
+def cnnkit_cli() -> CliRun:
+    """Run the command line in a child process: ``cnnkit_cli("train", "detect", ..., cwd=..., ok=...)``."""
+    return _run_cnnkit
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -24,6 +23,9 @@ from cnnkit.ops.boxes import box_iou
 from cnnkit.ops.yolo import decode, decode_pixels
 from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator
 from cnnkit.tasks.detect import DetectionTask, unletterbox
+
+if TYPE_CHECKING:
+    from conftest import CliRun
 
 
 def random_coco_case(seed: int, n_img: int = 40, k: int = 4) -> tuple[list, list]:
@@ -274,89 +276,48 @@ def test_mosaic_keeps_boxes_inside_and_labelled() -> None:
     assert batch[1].shape[1] == 6 and set(batch[1][:, 0].tolist()) == {0.0, 1.0}
 
 
-def _cli(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnkit", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+# A detector small enough for CPU tests: resnet18 at a quarter width, grids at strides 8 and 16.
+TINY_YOLO = ["--backbone-args", '{"width": 0.25}', "--strides", "8", "16"]
 
 
 @pytest.mark.slow
-def test_cli_train_val_predict_detect(tmp_path: Path) -> None:
+def test_cli_train_val_predict_detect(tmp_path: Path, cnnkit_cli: CliRun) -> None:
     data = write_detection(tmp_path / "det", n_train=48, n_val=16, seed=3)
     common = ["--epochs", "2", "--batch", "16", "--imgsz", "64", "--workers", "0", "--quiet"]
-    _cli(
-        "train",
-        "detect",
-        "--data",
-        str(data),
-        "--backbone-args",
-        '{"width": 0.25}',
-        "--strides",
-        "8",
-        "16",
-        "--mosaic",
-        "0.5",
-        *common,
-        "--project",
-        str(tmp_path / "runs"),
-        cwd=tmp_path,
+    project = ["--project", str(tmp_path / "runs")]
+    cnnkit_cli(
+        "train", "detect", "--data", str(data), *TINY_YOLO, "--mosaic", "0.5", *common, *project, cwd=tmp_path
     )
     run = tmp_path / "runs" / "detect" / "exp"
     for name in ("results.csv", "pr_curve.png", "confusion_matrix.png", "weights/best.safetensors"):
         assert (run / name).is_file(), name
     weights = str(run / "weights" / "best.safetensors")
-    report = json.loads(_cli("val", "detect", "--weights", weights, "--json", cwd=tmp_path))
+    report = json.loads(cnnkit_cli("val", "detect", "--weights", weights, "--json", cwd=tmp_path).stdout)
     assert set(report["metrics"]) >= {"mAP50", "mAP", "precision", "recall"}
     assert len(report["per_class"]) == 10 and "mAP_small" in report["coco"]
     # the COCO copy of the same data evaluates to the same numbers
+    annotations = data / "annotations"
+    coco_args = [
+        "--data",
+        str(annotations / "instances_train.json"),
+        "--val",
+        str(annotations / "instances_val.json"),
+    ]
     coco = json.loads(
-        _cli(
-            "val",
-            "detect",
-            "--weights",
-            weights,
-            "--data",
-            str(data / "annotations" / "instances_train.json"),
-            "--val",
-            str(data / "annotations" / "instances_val.json"),
-            "--json",
-            cwd=tmp_path,
-        )
+        cnnkit_cli("val", "detect", "--weights", weights, *coco_args, "--json", cwd=tmp_path).stdout
     )
     assert coco["metrics"]["mAP"] == pytest.approx(report["metrics"]["mAP"], abs=1e-3)
-    results = json.loads(
-        _cli(
-            "predict",
-            "detect",
-            "--weights",
-            weights,
-            str(data / "images" / "val"),
-            "--conf",
-            "0.0001",
-            "--json",
-            cwd=tmp_path,
-        )
-    )
+    predict = ["predict", "detect", "--weights", weights, "--conf", "0.0001"]
+    results = json.loads(cnnkit_cli(*predict, str(data / "images" / "val"), "--json", cwd=tmp_path).stdout)
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
-    out = _cli(
-        "predict",
-        "detect",
-        "--weights",
-        weights,
-        str(data / "images" / "val" / "00000.png"),
-        "--save-img",
-        "--out",
-        str(tmp_path / "pred"),
-        "--conf",
-        "0.0001",
-        cwd=tmp_path,
-    )
+    one_image = str(data / "images" / "val" / "00000.png")
+    out = cnnkit_cli(*predict, one_image, "--save-img", "--out", str(tmp_path / "pred"), cwd=tmp_path).stdout
     assert (tmp_path / "pred" / "00000.jpg").is_file() and "objects" in out
-    anchors = _cli("anchors", "--data", str(data), "-k", "4", "--imgsz", "64", cwd=tmp_path)
+    anchors = cnnkit_cli("anchors", "--data", str(data), "-k", "4", "--imgsz", "64", cwd=tmp_path).stdout
     assert "mean best IoU" in anchors
-    _cli("train", "detect", "--resume", str(run), cwd=tmp_path)  # finished run: resumes to its end at once
+    cnnkit_cli(
+        "train", "detect", "--resume", str(run), cwd=tmp_path
+    )  # finished run: resumes to its end at once
 
 
 def test_polygon_label_lines_become_their_bounding_box(tmp_path: Path) -> None:
@@ -378,33 +339,18 @@ def test_polygon_label_lines_become_their_bounding_box(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_training_skips_bad_samples_and_strict_stops(tmp_path: Path) -> None:
+def test_training_skips_bad_samples_and_strict_stops(tmp_path: Path, cnnkit_cli: CliRun) -> None:
     data = write_detection(tmp_path / "det", n_train=24, n_val=8, seed=4)
     labels = data / "labels" / "train"
     (labels / "00001.txt").write_text("3 0.5 0.5 0.2\n")  # malformed line
     (labels / "00002.txt").write_text("0 0.5 0.5 0.2 0.2\n42 0.5 0.5 0.2 0.2\n")  # unknown class, line 2
     (data / "images" / "train" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # corrupt image
-    args = [
-        "train",
-        "detect",
-        "--data",
-        str(data),
-        "--backbone-args",
-        '{"width": 0.25}',
-        "--strides",
-        "8",
-        "16",
-    ]
+    args = ["train", "detect", "--data", str(data), *TINY_YOLO]
     common = ["--epochs", "1", "--batch", "8", "--imgsz", "64", "--workers", "0", "--quiet"]
-    _cli(*args, *common, "--project", str(tmp_path / "runs"), cwd=tmp_path)
+    cnnkit_cli(*args, *common, "--project", str(tmp_path / "runs"), cwd=tmp_path)
     skipped = (tmp_path / "runs" / "detect" / "exp" / "skipped.txt").read_text()
     assert "00001.txt:1" in skipped and "00002.txt:2" in skipped and "00003.png" in skipped
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnkit", *args, *common, "--strict", "--project", str(tmp_path / "strict")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cnnkit_cli(*args, *common, "--strict", "--project", str(tmp_path / "strict"), ok=False)
     assert proc.returncode == 2 and "00001.txt:1" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -8,11 +8,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from cnnkit.engine.distributed import ShardSampler, interleave
+
+if TYPE_CHECKING:
+    from conftest import CliRun
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -70,16 +74,10 @@ def test_two_process_fit_matches_one_process_with_the_same_global_batch(tmp_path
     assert (tmp_path / "two" / "weights" / "last.pt").is_file()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=600, env=env
-    )
-
-
 @pytest.mark.slow
-def test_cli_nproc_2_classify_and_detect_then_resume(tmp_path: Path, digits_0_4: Path) -> None:
+def test_cli_nproc_2_classify_and_detect_then_resume(
+    tmp_path: Path, digits_0_4: Path, cnnkit_cli: CliRun
+) -> None:
     from cnnkit.data.builtin import write_detection
 
     common = [
@@ -93,49 +91,19 @@ def test_cli_nproc_2_classify_and_detect_then_resume(tmp_path: Path, digits_0_4:
         "--nproc",
         "2",
     ]
-    proc = _cli(
-        "train",
-        "classify",
-        "--data",
-        str(digits_0_4),
-        "--model",
-        "resnet18",
-        "--model-args",
-        '{"width": 0.25}',
-        "--imgsz",
-        "32",
-        "--batch",
-        "16",
-        *common,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    classifier = ["--model", "resnet18", "--model-args", '{"width": 0.25}', "--imgsz", "32", "--batch", "16"]
+    proc = cnnkit_cli("train", "classify", "--data", str(digits_0_4), *classifier, *common, threads=1)
     assert proc.stdout.count("results in") == 1  # rank 0 reports, once
     run = tmp_path / "runs" / "classify" / "exp"
     rows = (run / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and not (tmp_path / "runs" / "classify" / "exp2").exists()
-    resumed = _cli("train", "classify", "--resume", str(run), "--nproc", "2")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    cnnkit_cli("train", "classify", "--resume", str(run), "--nproc", "2", threads=1)
 
     data = write_detection(tmp_path / "det", n_train=32, n_val=10, seed=5)
-    proc = _cli(
-        "train",
-        "detect",
-        "--data",
-        str(data),
-        "--backbone-args",
-        '{"width": 0.25}',
-        "--strides",
-        "8",
-        "16",
-        "--imgsz",
-        "64",
-        "--batch",
-        "8",
-        *common,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    detector = ["--backbone-args", '{"width": 0.25}', "--strides", "8", "16", "--imgsz", "64", "--batch", "8"]
+    cnnkit_cli("train", "detect", "--data", str(data), *detector, *common, threads=1)
     assert (tmp_path / "runs" / "detect" / "exp" / "weights" / "best.safetensors").is_file()
 
-    failed = _cli("train", "detect", "--data", str(tmp_path / "missing"), *common)
+    failed = cnnkit_cli("train", "detect", "--data", str(tmp_path / "missing"), *common, threads=1, ok=False)
     assert failed.returncode == 2 and re.search(r"process \d of 2 failed", failed.stderr)
     assert "not a detection dataset" in failed.stderr

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import builtins
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -17,6 +15,9 @@ from cnnkit.api import create_model, save_weights
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm, prepare
 from cnnkit.layers import freeze_batchnorm
+
+if TYPE_CHECKING:
+    from conftest import CliRun
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
@@ -172,25 +173,7 @@ def test_predict_reads_video_frames(classifier: Path, tmp_path: Path) -> None:
     assert all(len(p.topk) == 2 for p in preds)
 
 
-def test_benchmark_command_prints_every_runtime() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cnnkit",
-            "benchmark",
-            "resnet18",
-            "--imgsz",
-            "32",
-            "--batch",
-            "2",
-            "--repeats",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_benchmark_command_prints_every_runtime(cnnkit_cli: CliRun) -> None:
+    proc = cnnkit_cli("benchmark", "resnet18", "--imgsz", "32", "--batch", "2", "--repeats", "2")
     for runtime in ("pytorch fp32", "fast path fp32", "torchscript", "matmul peak"):
         assert runtime in proc.stdout
