@@ -5,8 +5,6 @@ Run: ``python -m benchmarks.bench_detect`` (part of ``make bench``). Speed ratio
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +13,7 @@ import torchvision.ops as tvo
 
 from benchmarks.harness import compare, header
 from cnnkit.ops import BoxFormat, batched_nms, multiclass_nms, soft_nms
-from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator
+from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator, pycocotools_eval
 
 
 def _boxes(n: int, seed: int, classes: int = 80) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,40 +137,7 @@ def _cnnkit_coco(gts: Sequence, dts: Sequence, classes: int) -> dict[str, float]
 
 
 def _pycocotools(gts: Sequence, dts: Sequence, classes: int) -> list[float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    anns, res = [], []
-    for i, ((gb, gl), (db, ds, dl)) in enumerate(zip(gts, dts)):
-        for (x1, y1, x2, y2), lab in zip(gb.tolist(), gl.tolist()):
-            w, h = x2 - x1, y2 - y1
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": i + 1,
-                    "category_id": lab + 1,
-                    "bbox": [x1, y1, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-        for (x1, y1, x2, y2), s, lab in zip(db.tolist(), ds.tolist(), dl.tolist()):
-            res.append(
-                {"image_id": i + 1, "category_id": lab + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
-            )
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i + 1, "height": 700, "width": 700} for i in range(len(gts))],
-        "annotations": anns,
-        "categories": [{"id": c + 1} for c in range(classes)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(res), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return list(ev.stats)
+    return list(pycocotools_eval(gts, dts, classes).stats)
 
 
 def bench_coco() -> None:

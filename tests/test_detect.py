@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +19,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.ops import batched_nms, multiclass_nms
 from cnnkit.ops.boxes import box_iou
 from cnnkit.ops.yolo import decode, decode_pixels
-from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator
+from cnnkit.tasks.coco_eval import STAT_NAMES, CocoEvaluator, pycocotools_eval
 from cnnkit.tasks.detect import DetectionTask, unletterbox
 
 if TYPE_CHECKING:
@@ -55,47 +53,6 @@ def random_coco_case(seed: int, n_img: int = 40, k: int = 4) -> tuple[list, list
     return gts, dts
 
 
-def pycocotools_eval(gts: list, dts: list, k: int) -> object:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    anns, res = [], []
-    for i, ((gb, gl, crowd, area), (db, ds, dl)) in enumerate(zip(gts, dts)):
-        for (x1, y1, x2, y2), lab, c, a in zip(gb.tolist(), gl, crowd, area):
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": i + 1,
-                    "category_id": int(lab) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": float(a),
-                    "iscrowd": int(c),
-                }
-            )
-        for (x1, y1, x2, y2), s, lab in zip(db.tolist(), ds, dl):
-            res.append(
-                {
-                    "image_id": i + 1,
-                    "category_id": int(lab) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": float(s),
-                }
-            )
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i + 1, "height": 400, "width": 400} for i in range(len(gts))],
-        "annotations": anns,
-        "categories": [{"id": c + 1, "name": str(c)} for c in range(k)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(res), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_coco_metrics_equal_pycocotools(seed: int) -> None:
     pytest.importorskip("pycocotools")
@@ -104,10 +61,12 @@ def test_coco_metrics_equal_pycocotools(seed: int) -> None:
     for (gb, gl, crowd, area), (db, ds, dl) in zip(gts, dts):
         ours.add(gb, gl, db, ds, dl, gt_crowd=crowd, gt_area=area)
     result = ours.compute()
-    ref = pycocotools_eval(gts, dts, 4)
-    np.testing.assert_allclose(result.precision, ref.eval["precision"], atol=1e-6, rtol=0)  # type: ignore[attr-defined]
-    np.testing.assert_allclose(result.recall, ref.eval["recall"], atol=1e-6, rtol=0)  # type: ignore[attr-defined]
-    np.testing.assert_allclose([result.stats[n] for n in STAT_NAMES], ref.stats, atol=1e-6, rtol=0)  # type: ignore[attr-defined]
+    ref = pycocotools_eval(
+        [(gb, gl) for gb, gl, _, _ in gts], dts, 4, gt_crowd=[g[2] for g in gts], gt_area=[g[3] for g in gts]
+    )
+    np.testing.assert_allclose(result.precision, ref.eval["precision"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(result.recall, ref.eval["recall"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose([result.stats[n] for n in STAT_NAMES], ref.stats, atol=1e-6, rtol=0)
     assert 0.05 < result.stats["mAP50"] < 0.95  # a case that exercises both hits and misses
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -276,3 +277,57 @@ def evaluate_coco(
     for (gb, gl), (db, ds, dl) in zip(ground_truth, detections, strict=True):
         ev.add(gb, gl, db, ds, dl)
     return ev.compute()
+
+
+def pycocotools_eval(
+    ground_truth: Sequence[tuple[np.ndarray, np.ndarray]],
+    detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    num_classes: int,
+    *,
+    gt_crowd: Sequence[np.ndarray] | None = None,
+    gt_area: Sequence[np.ndarray] | None = None,
+) -> Any:
+    """The same inputs as :func:`evaluate_coco` (plus optional per-image crowd flags and annotation areas)
+    evaluated by pycocotools' ``COCOeval`` itself, for cross-checks; returns it after ``evaluate``,
+    ``accumulate`` and ``summarize`` (``.stats``, ``.eval["precision"]``). Needs pycocotools."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    anns: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for i, ((gb, gl), (db, ds, dl)) in enumerate(zip(ground_truth, detections, strict=True)):
+        xywh = _xywh(np.asarray(gb, np.float64).reshape(-1, 4))
+        crowd = gt_crowd[i] if gt_crowd is not None else np.zeros(len(xywh), bool)
+        area = gt_area[i] if gt_area is not None else xywh[:, 2] * xywh[:, 3]
+        for box, lab, c, a in zip(xywh.tolist(), np.asarray(gl).tolist(), crowd, area):
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(lab) + 1,
+                    "bbox": box,
+                    "area": float(a),
+                    "iscrowd": int(c),
+                }
+            )
+        det_xywh = _xywh(np.asarray(db, np.float64).reshape(-1, 4))
+        for box, score, lab in zip(det_xywh.tolist(), np.asarray(ds).tolist(), np.asarray(dl).tolist()):
+            results.append(
+                {"image_id": i + 1, "category_id": int(lab) + 1, "bbox": box, "score": float(score)}
+            )
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i + 1} for i in range(len(ground_truth))],
+        "annotations": anns,
+        "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
