@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cnnkit.api import create_model
-from cnnkit.engine import TrainConfig, distributed
+from cnnkit.engine import Callback, FitState, TrainConfig, distributed
 from cnnkit.engine.trainer import evaluate, fit, make_loader
 from cnnkit.tasks.classify import ClassificationTask
 from cnnkit.tasks.coco_eval import CocoEvaluator
@@ -26,7 +26,20 @@ def toy_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def run_fit(out: Path, batch: int, accumulate: int) -> None:
+class StopOnRankOne(Callback):
+    """A user callback that asks for a stop on rank 1 only, after the first epoch; it records which
+    ranks it ran on."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_epoch_end(self, state: FitState) -> None:
+        (self.out / f"callback_rank{state.rank}_epoch{state.epoch}").touch()
+        if state.rank == 1 and state.epoch == 1:
+            state.stop, state.stop_reason = True, "rank 1 asked to stop"
+
+
+def run_fit(out: Path, batch: int, accumulate: int, stop: bool = False) -> None:
     torch.manual_seed(0)
     model = create_model("tinyconvnet", num_classes=3, hidden=32)
     cfg = TrainConfig(
@@ -43,10 +56,14 @@ def run_fit(out: Path, batch: int, accumulate: int) -> None:
         warmup_epochs=0,
         grad_clip=None,
     )
-    result = fit(ClassificationTask(3), model, toy_data(96, 0), toy_data(30, 1), cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = [StopOnRankOne(out)] if stop else []
+    result = fit(
+        ClassificationTask(3), model, toy_data(96, 0), toy_data(30, 1), cfg, out, callbacks=callbacks
+    )
     if distributed.info().is_main:
         torch.save(model.state_dict(), out / "final.pt")
-        (out / "metrics.json").write_text(json.dumps(result.metrics))
+        (out / "metrics.json").write_text(json.dumps({**result.metrics, "epochs_run": len(result.history)}))
 
 
 def run_metrics(out: Path) -> None:
@@ -89,8 +106,8 @@ def run_metrics(out: Path) -> None:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    if mode == "fit":
-        run_fit(out, int(sys.argv[3]), int(sys.argv[4]))
+    if mode in ("fit", "stop"):
+        run_fit(out, int(sys.argv[3]), int(sys.argv[4]), stop=mode == "stop")
     else:
         run_metrics(out)
     distributed.cleanup()

@@ -74,6 +74,14 @@ def test_two_process_fit_matches_one_process_with_the_same_global_batch(tmp_path
     assert (tmp_path / "two" / "weights" / "last.pt").is_file()
 
 
+def test_a_stop_asked_for_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """User callbacks run on every rank; a stop set on rank 1 alone is agreed, so no rank hangs in DDP."""
+    _torchrun("stop", str(tmp_path), "8", "1")
+    assert (tmp_path / "callback_rank0_epoch1").exists() and (tmp_path / "callback_rank1_epoch1").exists()
+    assert not list(tmp_path.glob("callback_*_epoch2"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs_run"] == 1
+
+
 @pytest.mark.slow
 def test_cli_nproc_2_classify_and_detect_then_resume(
     tmp_path: Path, digits_0_4: Path, cnnkit_cli: CliRun

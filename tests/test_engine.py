@@ -94,6 +94,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, e
     assert (tmp_path / "cut" / "results.csv").read_text().count("\n") == 5
 
 
+def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path: Path) -> None:
+    """At a learning rate of 1e-12 the weights stay put: every micro-batch's loss is the same whatever
+    --accumulate is, so the logged epoch loss must be too (it once took one micro-batch per step as the
+    sum and every micro-batch as the count)."""
+    frozen = CFG.replace(epochs=1, lr=1e-12, optimizer="sgd", warmup_epochs=0)
+    losses = []
+    for accumulate in (1, 4):
+        cfg = frozen.replace(accumulate=accumulate)
+        result = fit(ClassificationTask(2), tiny_model(), blobs(), None, cfg, tmp_path / str(accumulate))
+        losses.append(result.history[0]["train_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
 class PoisonLoss(ClassificationTask):
     def __init__(self, at_step: int) -> None:
         super().__init__(2)

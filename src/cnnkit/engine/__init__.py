@@ -2,13 +2,14 @@
 
 from cnnkit.engine.callbacks import Callback, FitState
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.trainer import FitResult, TrainingDiverged, evaluate, fit, new_run_dir
+from cnnkit.engine.trainer import FitResult, Trainer, TrainingDiverged, evaluate, fit, new_run_dir
 
 __all__ = [
     "Callback",
     "FitResult",
     "FitState",
     "TrainConfig",
+    "Trainer",
     "TrainingDiverged",
     "evaluate",
     "fit",

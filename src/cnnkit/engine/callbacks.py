@@ -1,4 +1,10 @@
-"""Callbacks of the fit loop: CSV log, checkpoints, early stopping, plots. They see a small state."""
+"""Hooks of the fit loop (detectron2's ``HookBase`` is the model): each sees a small state.
+
+Step hooks keep the loop short: gradient clipping, the NaN guard and the EMA update are hooks, and so
+are the epoch-level ones (checkpoints, CSV log, early stopping, plots). Every hook runs on every rank;
+those that write files do so on rank 0 (``state.is_main``), and a stop asked for on any rank is agreed
+by all ranks before the next epoch, so distributed runs never hang.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.engine.ema import ModelEMA
+from cnnkit.errors import CnnkitError
 from cnnkit.io import atomic_path
 from cnnkit.weights import save_weights
 
@@ -42,6 +50,12 @@ class FitState:
     #: Builds the full resumable training state (model, optimizer, counters...).
     training_state: Callable[[], dict[str, Any]] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True  # rank 0 (the process that writes files)
+    rank: int = 0
+    world_size: int = 1
+    #: Sum of the (detached) losses of the micro-batches of the optimizer step in progress.
+    window_loss: torch.Tensor | None = None
+    micro_batches: int = 0  # in the step in progress
 
     @property
     def weights_dir(self) -> Path:
@@ -49,7 +63,20 @@ class FitState:
 
 
 class Callback:
+    """Base class of the fit loop's hooks; override what you need. ``before_step`` runs before the first
+    micro-batch of an optimizer step, ``after_backward`` once all its micro-batches have back-propagated
+    (gradients complete, optimizer not yet stepped), ``after_step`` after the optimizer step."""
+
     def on_fit_start(self, state: FitState) -> None:
+        pass
+
+    def before_step(self, state: FitState) -> None:
+        pass
+
+    def after_backward(self, state: FitState) -> None:
+        pass
+
+    def after_step(self, state: FitState) -> None:
         pass
 
     def on_epoch_end(self, state: FitState) -> None:
@@ -57,6 +84,54 @@ class Callback:
 
     def on_fit_end(self, state: FitState) -> None:
         pass
+
+
+class TrainingDiverged(CnnkitError):
+    """The loss became NaN or infinite."""
+
+
+class NanGuard(Callback):
+    """Stop with :class:`TrainingDiverged` as soon as an optimizer step's loss is not finite, before the
+    step changes the weights; the last checkpoint on disk stays the last good one."""
+
+    def after_backward(self, state: FitState) -> None:
+        loss = state.window_loss
+        if loss is None or bool(torch.isfinite(loss)):
+            return
+        last = state.weights_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}; {kept}. "
+            "Lower --lr, enable --grad-clip, or check the labels."
+        )
+
+
+class GradClip(Callback):
+    """Clip the global gradient norm to ``max_norm`` (gradients unscaled first under fp16)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        max_norm: float,
+    ) -> None:
+        self.model, self.optimizer, self.scaler, self.max_norm = model, optimizer, scaler, max_norm
+
+    def after_backward(self, state: FitState) -> None:
+        self.scaler.unscale_(self.optimizer)
+        params = (p for p in self.model.parameters() if p.grad is not None)
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
+class EMAUpdate(Callback):
+    """Update the exponential moving average of the weights after every optimizer step."""
+
+    def __init__(self, ema: ModelEMA, model: nn.Module) -> None:
+        self.ema, self.model = ema, model
+
+    def after_step(self, state: FitState) -> None:
+        self.ema.update(self.model)
 
 
 class CSVLogger(Callback):
@@ -73,7 +148,7 @@ class CSVLogger(Callback):
 
     def _write(self, state: FitState) -> None:
         rows = state.history[: state.epoch]
-        if not rows:
+        if not rows or not state.is_main:
             return
         keys = list(dict.fromkeys(k for row in rows for k in row))
         with atomic_path(state.run_dir / self.filename) as tmp, open(tmp, "w", newline="") as f:
@@ -84,30 +159,32 @@ class CSVLogger(Callback):
 
 class Checkpoint(Callback):
     """``weights/last.pt`` (resumable state) every ``period`` epochs and at the end, ``last.safetensors``
-    and ``best.safetensors`` (weights of the evaluated model, with metadata). All writes are atomic."""
+    and ``best.safetensors`` (weights of the evaluated model, with metadata). All writes are atomic, and
+    the weights go first: a resumable state never names a best epoch whose weights are not on disk."""
 
     def __init__(self, period: int = 1) -> None:
         self.period = max(period, 1)
 
     def on_epoch_end(self, state: FitState) -> None:
         assert state.training_state is not None and state.eval_model is not None
+        if not state.is_main:
+            return
         final = state.epoch >= state.epochs or state.stop
         saved_last = state.epoch % self.period == 0 or final
+        if saved_last or state.improved:
+            meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
+            name = "last" if saved_last else "best"
+            written = save_weights(state.eval_model, state.weights_dir / f"{name}.safetensors", meta)
+            if saved_last and state.improved:  # the same bytes: link instead of writing them twice
+                with atomic_path(state.weights_dir / "best.safetensors") as tmp:
+                    tmp.unlink()
+                    try:
+                        os.link(written, tmp)
+                    except OSError:  # a filesystem without hard links
+                        shutil.copyfile(written, tmp)
         if saved_last:
             with atomic_path(state.weights_dir / "last.pt") as tmp:
                 torch.save(state.training_state(), tmp)
-        if not (saved_last or state.improved):
-            return
-        meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
-        name = "last" if saved_last else "best"
-        written = save_weights(state.eval_model, state.weights_dir / f"{name}.safetensors", meta)
-        if saved_last and state.improved:  # the same bytes: link instead of writing them twice
-            with atomic_path(state.weights_dir / "best.safetensors") as tmp:
-                tmp.unlink()
-                try:
-                    os.link(written, tmp)
-                except OSError:  # a filesystem without hard links
-                    shutil.copyfile(written, tmp)
 
 
 class EarlyStopping(Callback):
@@ -129,7 +206,7 @@ class Plotter(Callback):
     """``results.png``: loss and metric curves, redrawn at the end of the fit."""
 
     def on_fit_end(self, state: FitState) -> None:
-        if state.history:
+        if state.history and state.is_main:
             plot_history(state.history, state.run_dir / "results.png")
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from cnnkit.errors import CnnkitError
+from cnnkit.tasks.base import interleave as interleave  # re-exported: shards are merged with it
 
 log = logging.getLogger("cnnkit")
 
@@ -156,6 +157,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. a stop asked for by one process)."""
+    if not info().enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     if not info().enabled:
@@ -186,14 +196,6 @@ def sync_evaluator(evaluator: Any, device: torch.device) -> None:
         tensor.copy_(moved.to(tensor.device))
     if hasattr(evaluator, "shard_records"):
         evaluator.merge_shards(gather_objects(evaluator.shard_records()))
-
-
-def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:
-    """Undo :class:`ShardSampler`'s split: ``[[a0, a2], [a1]] -> [a0, a1, a2]``."""
-    out: list[Any] = []
-    for i in range(max((len(s) for s in shards), default=0)):
-        out.extend(s[i] for s in shards if i < len(s))
-    return out
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:

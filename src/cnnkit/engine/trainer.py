@@ -1,4 +1,6 @@
-"""The fit loop and the evaluation loop. Task-agnostic: tasks supply the forward, loss and metrics."""
+"""The fit loop: a small :class:`Trainer` whose step-level extras (clipping, EMA, the NaN guard) and
+epoch-level ones (checkpoints, CSV log, early stopping, plots) are hooks. Task-agnostic: tasks supply
+the forward, loss and metrics."""
 
 from __future__ import annotations
 
@@ -7,14 +9,12 @@ import gc
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -22,20 +22,41 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cnnkit.engine import distributed as distrib
-from cnnkit.engine.callbacks import Callback, Checkpoint, CSVLogger, EarlyStopping, FitState, Plotter
+from cnnkit.engine.callbacks import (
+    Callback,
+    Checkpoint,
+    CSVLogger,
+    EarlyStopping,
+    EMAUpdate,
+    FitState,
+    GradClip,
+    NanGuard,
+    Plotter,
+    TrainingDiverged,
+)
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.ema import ModelEMA
 from cnnkit.engine.freeze import count_parameters
+from cnnkit.engine.loops import evaluate, make_loader, new_run_dir, seed_everything, to_device
 from cnnkit.engine.optim import build_optimizer, lr_factor, set_lr
 from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Task
 
+__all__ = [
+    "FitResult",
+    "Trainer",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "load_training_state",
+    "make_loader",
+    "new_run_dir",
+    "seed_everything",
+    "to_device",
+]
+
 log = logging.getLogger("cnnkit")
-
-
-class TrainingDiverged(CnnkitError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -47,6 +68,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     trainable_params: int = 0
     frozen_params: int = 0
+    fitness_key: str = "fitness"  # the metric that picked the best epoch
 
     @property
     def best(self) -> Path:
@@ -57,111 +79,259 @@ class FitResult:
         return self.run_dir / "weights" / "last.safetensors"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class Trainer:
+    """Owns the model, optimizer, scaler and EMA of one fit; :meth:`fit` runs the epochs.
 
+    Hooks (:class:`~cnnkit.engine.callbacks.Callback`) run on every rank, the built-in ones first:
+    NaN guard and gradient clipping after backward, the EMA update after the step, then checkpointing,
+    the CSV log, early stopping, plots, and the caller's hooks at the end of each epoch.
+    """
 
-def new_run_dir(root: str | os.PathLike[str], task: str, name: str = "exp", exist_ok: bool = False) -> Path:
-    """``root/task/name``, or ``name2``, ``name3``... when it exists (unless ``exist_ok``)."""
-    distrib.setup()
-    if not distrib.info().is_main:  # every process of a distributed run uses rank 0's directory
-        return Path(distrib.broadcast_object(None))
-    base = Path(root) / task
-    path = base / name
-    n = 2
-    while path.exists() and not exist_ok:
-        path = base / f"{name}{n}"
-        n += 1
-    path.mkdir(parents=True, exist_ok=True)
-    return Path(distrib.broadcast_object(str(path)))
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        train_set: Dataset[Any],
+        val_set: Dataset[Any] | None,
+        cfg: TrainConfig,
+        run_dir: Path,
+        *,
+        lr_scale: dict[str, float] | None = None,
+        metadata: dict[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+        collate_fn: Any = None,
+    ) -> None:
+        where = distrib.info()
+        self.task, self.cfg, self.run_dir = task, cfg, run_dir
+        self.train_set, self.val_set, self.collate_fn = train_set, val_set, collate_fn
+        self.device = distrib.process_device(select_device(cfg.device))
+        self.dtype = amp_dtype(cfg.amp, self.device)
+        seed_everything(cfg.seed)
+        if cfg.sync_bn and where.enabled:
+            if self.device.type != "cuda":
+                raise CnnkitError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); on CPU leave it off")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg, lr_scale)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+        self.state = FitState(
+            run_dir=run_dir,
+            epochs=cfg.epochs,
+            fitness_key=task.fitness,
+            metadata=dict(metadata or {}),
+            is_main=where.is_main,
+            rank=where.rank,
+            world_size=where.world_size,
+        )
+        self.state.eval_model = self.ema.module if self.ema else model
+        self.state.training_state = self.state_dict
+        self.hooks: list[Callback] = [NanGuard()]
+        if cfg.grad_clip:
+            self.hooks.append(GradClip(model, self.optimizer, self.scaler, cfg.grad_clip))
+        if self.ema is not None:
+            self.hooks.append(EMAUpdate(self.ema, model))
+        # Checkpoint before the CSV row: a row in results.csv always has its checkpoint on disk.
+        self.hooks += [Checkpoint(cfg.save_period), CSVLogger()]
+        if cfg.patience:
+            self.hooks.append(EarlyStopping(cfg.patience))
+        if cfg.plots:
+            self.hooks.append(Plotter())
+        self.hooks += list(callbacks)
+        self.train_module = task.training_module(model)
+        if where.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids)
+        self.evaluator: Any = None
+        self._epoch_start = time.perf_counter()
+        self._steps_per_epoch = 1
 
+    # -- resumable state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": s.epoch,
+            "step": s.step,
+            "best_fitness": s.best_fitness,
+            "best_epoch": s.best_epoch,
+            "history": s.history,
+            "config": self.cfg.to_dict(),
+            "metadata": s.metadata,
+            "torch_rng": torch.get_rng_state(),
+        }
 
-def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(obj, torch.Tensor):
-        obj = obj.to(device, non_blocking=True)
-        if channels_last and obj.ndim == 4 and obj.is_floating_point():
-            obj = obj.contiguous(memory_format=torch.channels_last)
-        return obj
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device, channels_last) for v in obj)
-    return obj
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        s = self.state
+        s.epoch, s.step = int(ckpt["epoch"]), int(ckpt["step"])
+        s.best_fitness, s.best_epoch = float(ckpt["best_fitness"]), int(ckpt["best_epoch"])
+        s.history = list(ckpt["history"])[: s.epoch]
 
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        self._log_start()
+        for hook in self.hooks:
+            hook.on_fit_start(self.state)
+        for epoch in range(self.state.epoch, self.cfg.epochs):
+            self._end_epoch(epoch, self.train_epoch(epoch))
+            if self.state.stop:
+                log.info(self.state.stop_reason or "stopped by a callback")
+                break
+        plots = self.cfg.plots and self.state.is_main and hasattr(self.evaluator, "save_plots")
+        if plots:
+            self.evaluator.save_plots(self.run_dir, self.state.metadata.get("class_names"))
+        for hook in self.hooks:
+            hook.on_fit_end(self.state)
+        if distrib.info().enabled:
+            # Free DDP (and the communication work it holds) now, not at interpreter exit where gloo's
+            # threads can abort the process; then return together, once rank 0's files are written.
+            del self.train_module
+            gc.collect()
+            distrib.barrier()
+        trainable, frozen = count_parameters(self.model)
+        s = self.state
+        return FitResult(
+            self.run_dir, s.metrics, s.best_fitness, s.best_epoch, s.history, trainable, frozen, s.fitness_key
+        )
 
-def make_loader(
-    dataset: Dataset[Any],
-    batch: int,
-    *,
-    shuffle: bool,
-    workers: int,
-    device: torch.device,
-    seed: int = 0,
-    collate_fn: Any = None,
-    drop_last: bool = False,
-) -> DataLoader[Any]:
-    """A DataLoader over this process's shard (:class:`~cnnkit.engine.distributed.ShardSampler`) whose
-    order and worker seeds depend only on ``seed``: reproducible, resumable, and the same global batches
-    on any number of processes."""
-    generator = torch.Generator().manual_seed(seed)
-    where = distrib.info()
-    sampler = distrib.ShardSampler(
-        len(dataset),  # type: ignore[arg-type]
-        shuffle=shuffle,
-        seed=seed,
-        rank=where.rank,
-        world_size=where.world_size,
-        batch=batch,
-        drop_last=drop_last,
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        generator=generator,
-        collate_fn=collate_fn,
-        persistent_workers=False,
-    )
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training data; returns the mean of each loss term over its micro-batches."""
+        cfg = self.cfg
+        seed_everything(cfg.seed + epoch)
+        loader = self._loader(self.train_set, cfg.batch, shuffle=True, seed=cfg.seed * 1000 + epoch)
+        self.model.train()
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            # None: no bar when stderr is not a terminal; only rank 0 draws one
+            disable=True if cfg.quiet or not self.state.is_main else None,
+            dynamic_ncols=True,
+        )
+        self._epoch_start = time.perf_counter()
+        self._steps_per_epoch = math.ceil(len(loader) / cfg.accumulate)
+        sums: dict[str, float] = {}
+        batches = len(loader)
+        for i, batch in enumerate(bar):
+            start = i - i % cfg.accumulate
+            window = min(cfg.accumulate, batches - start)
+            logs = self.run_step(batch, first=i == start, last=i == start + window - 1, window=window)
+            for k, v in logs.items():  # every micro-batch counts, whatever --accumulate is
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(
+                loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}"
+            )
+        return {f"train_{k}": v / max(batches, 1) for k, v in sums.items()}
 
+    def run_step(self, batch: Any, *, first: bool, last: bool, window: int) -> dict[str, float]:
+        """Forward and backward of one micro-batch; the optimizer steps after the ``last`` of a window of
+        ``window`` micro-batches (gradient accumulation). Returns the micro-batch's loss terms."""
+        s, cfg = self.state, self.cfg
+        if first:
+            set_lr(self.optimizer, cfg.lr, lr_factor(s.step, self._steps_per_epoch, cfg))
+            self.optimizer.zero_grad(set_to_none=True)
+            s.window_loss, s.micro_batches = None, 0
+            for hook in self.hooks:
+                hook.before_step(s)
+        batch = to_device(batch, self.device, cfg.channels_last)
+        # Between optimizer steps, DDP need not all-reduce the gradients it accumulates.
+        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if not last and isinstance(self.train_module, nn.parallel.DistributedDataParallel):
+            sync = self.train_module.no_sync()
+        with sync:
+            with autocast(self.device, self.dtype):
+                outputs = self.train_module(self.task.inputs(batch))
+                loss, logs = self.task.loss(outputs, batch)
+            self.scaler.scale(loss / window if window > 1 else loss).backward()
+        detached = loss.detach().float()
+        s.window_loss = detached if s.window_loss is None else s.window_loss + detached
+        s.micro_batches += 1
+        if last:
+            for hook in self.hooks:
+                hook.after_backward(s)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            s.step += 1
+            for hook in self.hooks:
+                hook.after_step(s)
+        return {"loss": float(detached), **{k: float(v) for k, v in logs.items()}}
 
-@torch.no_grad()
-def evaluate(
-    task: Task,
-    model: nn.Module,
-    loader: Iterable[Any],
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    *,
-    progress: bool = False,
-    channels_last: bool = False,
-) -> tuple[dict[str, float], Any]:
-    """Run ``model`` in eval mode over ``loader``; returns ``(metrics, evaluator)``."""
-    was_training = model.training
-    model.eval()
-    evaluator = task.evaluator()
-    try:
-        show = None if progress and distrib.info().is_main else True
-        for batch in tqdm(loader, desc="val", leave=False, disable=show):
-            batch = to_device(batch, device, channels_last)
-            with autocast(device, dtype):
-                outputs = model(task.inputs(batch))
-            evaluator.update(_to_float(outputs), batch)
-    finally:
-        model.train(was_training)
-    distrib.sync_evaluator(evaluator, device)  # each process saw its shard: combine them
-    return evaluator.compute(), evaluator
+    def validate(self) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        loader = self._loader(self.val_set, self.cfg.batch * 2, shuffle=False)
+        assert self.state.eval_model is not None
+        model, cl = self.state.eval_model, self.cfg.channels_last
+        metrics, self.evaluator = evaluate(
+            self.task, model, loader, self.device, self.dtype, channels_last=cl
+        )
+        return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
+    # -- helpers ----------------------------------------------------------------------------------
+    def _end_epoch(self, epoch: int, train_logs: dict[str, float]) -> None:
+        s = self.state
+        metrics: dict[str, float] = {"epoch": epoch + 1, **distrib.all_reduce_mean(train_logs, self.device)}
+        metrics.update(self.validate())
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["time"] = round(time.perf_counter() - self._epoch_start, 3)
+        s.epoch, s.metrics = epoch + 1, metrics
+        s.history = [*s.history[:epoch], metrics]
+        fitness = metrics.get(self.task.fitness, -metrics.get("train_loss", math.inf))
+        s.improved = fitness > s.best_fitness
+        if s.improved:
+            s.best_fitness, s.best_epoch = fitness, s.epoch
+        log.info("epoch %d/%d  %s", s.epoch, self.cfg.epochs, _fmt_metrics(metrics))
+        for hook in self.hooks:
+            hook.on_epoch_end(s)
+        s.stop = distrib.any_rank(s.stop, self.device)  # a stop asked for on one rank stops every rank
 
-def _to_float(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_float(o) for o in obj)
-    return obj
+    def _loader(self, dataset: Dataset[Any], batch: int, *, shuffle: bool, seed: int = 0) -> DataLoader[Any]:
+        return make_loader(
+            dataset,
+            batch,
+            shuffle=shuffle,
+            workers=self.cfg.workers,
+            device=self.device,
+            seed=seed,
+            collate_fn=self.collate_fn,
+            drop_last=shuffle,
+        )
+
+    def _log_start(self) -> None:
+        where, cfg = distrib.info(), self.cfg
+        trainable, frozen = count_parameters(self.model)
+        autocast_note = f", autocast {self.dtype}" if self.dtype else ""
+        log.info(
+            "parameters: %s trainable, %s frozen; device %s%s",
+            f"{trainable:,}",
+            f"{frozen:,}",
+            self.device,
+            autocast_note,
+        )
+        if where.enabled:
+            log.info(
+                "distributed: %d processes (%s); global batch %d = %d per process x %d x %d accumulation",
+                where.world_size,
+                torch.distributed.get_backend(),
+                cfg.batch * where.world_size * cfg.accumulate,
+                cfg.batch,
+                where.world_size,
+                cfg.accumulate,
+            )
+        if where.is_main:
+            config = {"train": cfg.to_dict(), **_plain(self.state.metadata)}
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def fit(
@@ -188,9 +358,22 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     logging_to = _run_log(run_dir / "train.log") if distrib.info().is_main else contextlib.nullcontext()
     with logging_to:
-        return _fit(
-            task, model, train_set, val_set, cfg, run_dir, resume, lr_scale, metadata, callbacks, collate_fn
+        trainer = Trainer(
+            task,
+            model,
+            train_set,
+            val_set,
+            cfg,
+            run_dir,
+            lr_scale=lr_scale,
+            metadata=metadata,
+            callbacks=callbacks,
+            collate_fn=collate_fn,
         )
+        if resume is not None:
+            trainer.load_state_dict(load_training_state(resume))
+            log.info("resuming from %s at epoch %d/%d", resume, trainer.state.epoch, cfg.epochs)
+        return trainer.fit()
 
 
 @contextlib.contextmanager
@@ -209,241 +392,6 @@ def _run_log(path: Path) -> Iterator[None]:
         log.removeHandler(handler)
         handler.close()
         log.setLevel(old_level)
-
-
-def _fit(
-    task: Task,
-    model: nn.Module,
-    train_set: Dataset[Any],
-    val_set: Dataset[Any] | None,
-    cfg: TrainConfig,
-    run_dir: Path,
-    resume: str | os.PathLike[str] | None,
-    lr_scale: dict[str, float] | None,
-    metadata: dict[str, Any] | None,
-    callbacks: Sequence[Callback],
-    collate_fn: Any,
-) -> FitResult:
-    where = distrib.info()
-    device = distrib.process_device(select_device(cfg.device))
-    dtype = amp_dtype(cfg.amp, device)
-    seed_everything(cfg.seed)
-    if cfg.sync_bn and where.enabled:
-        if device.type != "cuda":
-            raise CnnkitError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); on CPU leave it off")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = build_optimizer(model, cfg, lr_scale)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
-    state = FitState(
-        run_dir=run_dir, epochs=cfg.epochs, fitness_key=task.fitness, metadata=dict(metadata or {})
-    )
-
-    def training_state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema else None,
-            "epoch": state.epoch,
-            "step": state.step,
-            "best_fitness": state.best_fitness,
-            "best_epoch": state.best_epoch,
-            "history": state.history,
-            "config": cfg.to_dict(),
-            "metadata": state.metadata,
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    if resume is not None:
-        ckpt = load_training_state(resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt["ema"] is not None:
-            ema.load_state_dict(ckpt["ema"])
-        state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step"])
-        state.best_fitness, state.best_epoch = float(ckpt["best_fitness"]), int(ckpt["best_epoch"])
-        state.history = list(ckpt["history"])[: state.epoch]
-        log.info("resuming from %s at epoch %d/%d", resume, state.epoch, cfg.epochs)
-
-    state.eval_model = ema.module if ema else model
-    state.training_state = training_state
-    # Checkpoint first: a row in results.csv then always has its checkpoint on disk.
-    # Rank 0 writes; every rank runs early stopping (its metrics are the same everywhere) to stop together.
-    cbs: list[Callback] = [Checkpoint(cfg.save_period), CSVLogger()] if where.is_main else []
-    if cfg.patience:
-        cbs.append(EarlyStopping(cfg.patience))
-    if cfg.plots and where.is_main:
-        cbs.append(Plotter())
-    if where.is_main:
-        cbs += list(callbacks)
-
-    trainable, frozen = count_parameters(model)
-    log.info(
-        "parameters: %s trainable, %s frozen; device %s%s",
-        f"{trainable:,}",
-        f"{frozen:,}",
-        device,
-        f", autocast {dtype}" if dtype else "",
-    )
-    if where.enabled:
-        log.info(
-            "distributed: %d processes (%s); global batch %d = %d per process x %d x %d accumulation",
-            where.world_size,
-            torch.distributed.get_backend(),
-            cfg.batch * where.world_size * cfg.accumulate,
-            cfg.batch,
-            where.world_size,
-            cfg.accumulate,
-        )
-    if where.is_main:
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump({"train": cfg.to_dict(), **_plain(state.metadata)}, sort_keys=False)
-        )
-    train_module = task.training_module(model)
-    if where.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        train_module = nn.parallel.DistributedDataParallel(train_module, device_ids=ids)
-    evaluator = None
-    for cb in cbs:
-        cb.on_fit_start(state)
-    for epoch in range(state.epoch, cfg.epochs):
-        seed_everything(cfg.seed + epoch)
-        loader = make_loader(
-            train_set,
-            cfg.batch,
-            shuffle=True,
-            workers=cfg.workers,
-            device=device,
-            seed=cfg.seed * 1000 + epoch,
-            collate_fn=collate_fn,
-            drop_last=True,
-        )
-        start = time.perf_counter()
-        train_logs = _train_epoch(
-            task, model, train_module, loader, optimizer, scaler, ema, cfg, state, device, dtype, epoch
-        )
-        train_logs = distrib.all_reduce_mean(train_logs, device)
-        metrics: dict[str, float] = {"epoch": epoch + 1, **train_logs}
-        if val_set is not None:
-            val_loader = make_loader(
-                val_set,
-                cfg.batch * 2,
-                shuffle=False,
-                workers=cfg.workers,
-                device=device,
-                collate_fn=collate_fn,
-            )
-            val_metrics, evaluator = evaluate(
-                task, state.eval_model, val_loader, device, dtype, channels_last=cfg.channels_last
-            )
-            metrics.update({k: v for k, v in val_metrics.items() if isinstance(v, int | float)})
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["time"] = round(time.perf_counter() - start, 3)
-        state.epoch = epoch + 1
-        state.metrics = metrics
-        state.history = [*state.history[:epoch], metrics]
-        fitness = metrics.get(task.fitness, -metrics.get("train_loss", math.inf))
-        state.improved = fitness > state.best_fitness
-        if state.improved:
-            state.best_fitness, state.best_epoch = fitness, state.epoch
-        log.info("epoch %d/%d  %s", state.epoch, cfg.epochs, _fmt_metrics(metrics))
-        for cb in cbs:
-            cb.on_epoch_end(state)
-        if state.stop:
-            log.info(state.stop_reason)
-            break
-    if evaluator is not None and cfg.plots and where.is_main and hasattr(evaluator, "save_plots"):
-        evaluator.save_plots(run_dir, state.metadata.get("class_names"))
-    for cb in cbs:
-        cb.on_fit_end(state)
-    if where.enabled:
-        # Free DDP (and the communication work it holds) now, not at interpreter exit where gloo's
-        # threads can abort the process; then return together, once rank 0's files are written.
-        del train_module
-        gc.collect()
-        distrib.barrier()
-    return FitResult(
-        run_dir, state.metrics, state.best_fitness, state.best_epoch, state.history, trainable, frozen
-    )
-
-
-def _train_epoch(
-    task: Task,
-    model: nn.Module,
-    train_module: nn.Module,
-    loader: DataLoader[Any],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: ModelEMA | None,
-    cfg: TrainConfig,
-    state: FitState,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    epoch: int,
-) -> dict[str, float]:
-    model.train()
-    micro_batches = len(loader)
-    steps_per_epoch = math.ceil(micro_batches / cfg.accumulate)
-    sums: dict[str, float] = {}
-    count = 0
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        leave=False,
-        # None: no bar when stderr is not a terminal; only rank 0 draws one
-        disable=True if cfg.quiet or not distrib.info().is_main else None,
-        dynamic_ncols=True,
-    )
-    for i, batch in enumerate(bar):
-        batch = to_device(batch, device, cfg.channels_last)
-        window_start = i % cfg.accumulate == 0
-        step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == micro_batches
-        if window_start:
-            set_lr(optimizer, cfg.lr, lr_factor(state.step, steps_per_epoch, cfg))
-            optimizer.zero_grad(set_to_none=True)
-        # Between optimizer steps, DDP need not all-reduce the gradients it accumulates.
-        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if not step_now and isinstance(train_module, nn.parallel.DistributedDataParallel):
-            sync = train_module.no_sync()
-        with sync:
-            with autocast(device, dtype):
-                outputs = train_module(task.inputs(batch))
-                loss, logs = task.loss(outputs, batch)
-            if not torch.isfinite(loss):
-                last = state.weights_dir / "last.pt"
-                kept = (
-                    f"the last good checkpoint is {last}"
-                    if last.exists()
-                    else "no checkpoint was written yet"
-                )
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; {kept}. "
-                    "Lower --lr, enable --grad-clip, or check the labels."
-                )
-            window = min(cfg.accumulate, micro_batches - (i - i % cfg.accumulate))
-            scaler.scale(loss / window if window > 1 else loss).backward()
-        count += 1
-        if not step_now:
-            continue
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                (p for p in model.parameters() if p.grad is not None), cfg.grad_clip
-            )
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model)
-        state.step += 1
-        for k, v in {"loss": loss.item(), **logs}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
 
 
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:

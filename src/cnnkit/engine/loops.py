@@ -1,0 +1,127 @@
+"""The pieces of a pass over data that training and evaluation share: seeding, run folders, loaders,
+moving batches to the device, and the evaluation loop."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cnnkit.engine import distributed as distrib
+from cnnkit.engine.device import autocast
+from cnnkit.tasks.base import Task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(root: str | os.PathLike[str], task: str, name: str = "exp", exist_ok: bool = False) -> Path:
+    """``root/task/name``, or ``name2``, ``name3``... when it exists (unless ``exist_ok``)."""
+    distrib.setup()
+    if not distrib.info().is_main:  # every process of a distributed run uses rank 0's directory
+        return Path(distrib.broadcast_object(None))
+    base = Path(root) / task
+    path = base / name
+    n = 2
+    while path.exists() and not exist_ok:
+        path = base / f"{name}{n}"
+        n += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return Path(distrib.broadcast_object(str(path)))
+
+
+def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.ndim == 4 and obj.is_floating_point():
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device, channels_last) for v in obj)
+    return obj
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    batch: int,
+    *,
+    shuffle: bool,
+    workers: int,
+    device: torch.device,
+    seed: int = 0,
+    collate_fn: Any = None,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    """A DataLoader over this process's shard (:class:`~cnnkit.engine.distributed.ShardSampler`) whose
+    order and worker seeds depend only on ``seed``: reproducible, resumable, and the same global batches
+    on any number of processes."""
+    generator = torch.Generator().manual_seed(seed)
+    where = distrib.info()
+    sampler = distrib.ShardSampler(
+        len(dataset),  # type: ignore[arg-type]
+        shuffle=shuffle,
+        seed=seed,
+        rank=where.rank,
+        world_size=where.world_size,
+        batch=batch,
+        drop_last=drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    progress: bool = False,
+    channels_last: bool = False,
+) -> tuple[dict[str, float], Any]:
+    """Run ``model`` in eval mode over ``loader``; returns ``(metrics, evaluator)``."""
+    was_training = model.training
+    model.eval()
+    evaluator = task.evaluator()
+    try:
+        show = None if progress and distrib.info().is_main else True
+        for batch in tqdm(loader, desc="val", leave=False, disable=show):
+            batch = to_device(batch, device, channels_last)
+            with autocast(device, dtype):
+                outputs = model(task.inputs(batch))
+            evaluator.update(_to_float(outputs), batch)
+    finally:
+        model.train(was_training)
+    distrib.sync_evaluator(evaluator, device)  # each process saw its shard: combine them
+    return evaluator.compute(), evaluator
+
+
+def _to_float(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_float(o) for o in obj)
+    return obj
