@@ -257,3 +257,13 @@ def test_classifier_weights_into_a_headless_backbone(tmp_path: Path) -> None:
     report = cnnkit.load_weights(backbone, path)
     assert sorted(report.unused) == ["head.fc.bias", "head.fc.weight"]
     torch.testing.assert_close(backbone.stem.conv.conv.weight, clf.stem.conv.conv.weight)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("yolo", 80), ("unet_same", 2), ("tinyconvnet", 4)])
+def test_a_builders_own_default_class_count_holds(name: str, expected: int) -> None:
+    """``create_model`` passes no class count the caller did not give: the builder's default stands."""
+    kwargs = {"backbone_args": {"width": 0.125}} if name == "yolo" else {}
+    model = cnnkit.create_model(name, **kwargs)
+    assert model.num_classes == expected
+    rebuilt = cnnkit.create_model(name, **model.cnnkit_config["args"])  # the recorded config rebuilds it
+    assert rebuilt.num_classes == expected

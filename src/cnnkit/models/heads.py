@@ -14,7 +14,7 @@ from cnnkit.registry import register_model
 
 
 def _backbone(name: str, args: dict[str, Any] | None, weights: str | None, in_chans: int) -> ConvNet:
-    from cnnkit.api import create_model
+    from cnnkit.registry import create_model
 
     model = create_model(name, num_classes=0, in_chans=in_chans, weights=weights, **(args or {}))
     if not isinstance(model, ConvNet):

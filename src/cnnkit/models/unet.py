@@ -266,8 +266,8 @@ class EncoderUNet(nn.Module):
         upsample: Upsample = "nearest",
     ) -> None:
         super().__init__()
-        from cnnkit.api import create_model
         from cnnkit.layers import freeze_batchnorm
+        from cnnkit.registry import create_model
 
         self.encoder = create_model(
             encoder, in_chans=in_chans, weights=encoder_weights, features_only=True, **(encoder_args or {})

@@ -95,7 +95,7 @@ class YOLO(nn.Module):
         backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
-        from cnnkit.api import create_model
+        from cnnkit.registry import create_model
 
         if neck not in ("pan", "fpn", "none"):
             raise CnnkitError(f"neck must be 'pan', 'fpn' or 'none', got {neck!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -49,3 +50,12 @@ class ImageTask:
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch[0]
+
+
+def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:
+    """Undo the distributed sampler's split of a dataset over processes: ``[[a0, a2], [a1]] -> [a0, a1, a2]``
+    (rank ``r`` of ``w`` holds samples ``r, r + w, ...``)."""
+    out: list[Any] = []
+    for i in range(max((len(s) for s in shards), default=0)):
+        out.extend(s[i] for s in shards if i < len(s))
+    return out

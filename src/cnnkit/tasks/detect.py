@@ -255,7 +255,7 @@ class DetectionEvaluator:
         return self.coco.images
 
     def merge_shards(self, per_rank: Sequence[list[Any]]) -> None:
-        from cnnkit.engine.distributed import interleave
+        from cnnkit.tasks.base import interleave
 
         self.coco.images = interleave(per_rank)
 
