@@ -97,7 +97,7 @@ def test_localization_csv_json_yolo_and_voc(tmp_path: Path) -> None:
             [{"image": "a.png", "class": "dog", "box": [1, 1, 5, 5]}, {"image": "a.png", "class": None}]
         )
     )
-    samples, _, _ = read_localization(tmp_path / "l.json")
+    samples, _, _, _ = read_localization(tmp_path / "l.json")
     assert [s.label for s in samples] == ["dog", None]
     yolo = tmp_path / "yolo"
     for split in ("train", "val"):
@@ -108,7 +108,7 @@ def test_localization_csv_json_yolo_and_voc(tmp_path: Path) -> None:
     (yolo / "data.yaml").write_text(
         "path: .\ntrain: images/train\nval: images/val\nnames: {0: cat, 1: dog}\n"
     )
-    train, _, names = read_localization(yolo)
+    train, _, names, _ = read_localization(yolo)
     assert names == ["cat", "dog"] and train[0].label == "dog"  # the largest box
     assert train[0].box == pytest.approx((10.0, 5.0, 30.0, 15.0))
     voc = tmp_path / "voc"
@@ -119,8 +119,19 @@ def test_localization_csv_json_yolo_and_voc(tmp_path: Path) -> None:
         "<annotation><filename>1.jpg</filename><object><name>car</name><bndbox><xmin>2</xmin><ymin>3</ymin>"
         "<xmax>30</xmax><ymax>15</ymax></bndbox></object></annotation>"
     )
-    samples, _, _ = read_localization(voc)
-    assert samples[0].label == "car" and samples[0].box == (2, 3, 30, 15)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("1\n")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("1\n")
+    samples, _, _, _ = read_localization(voc)
+    # one VOC reader for every task: 1-based pixel coordinates become 0-based xyxy, as in detection
+    assert samples[0].label == "car" and samples[0].box == (1, 2, 30, 15)
+    (voc / "Annotations" / "2.xml").write_text(
+        "<annotation><filename>1.jpg</filename><object><name>car</name><bndbox><xmin>2</xmin><ymin>x</ymin>"
+        "<xmax>30</xmax><ymax>15</ymax></bndbox></object></annotation>"
+    )
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("1\n2\n")
+    _, _, _, report = read_localization(voc)  # a bad box is reported with its file, not turned into NaN
+    assert any("2.xml" in p and "bndbox" in p for p in report.problems)
 
 
 def test_localization_dataset_normalises_the_box(tmp_path: Path) -> None:
@@ -246,7 +257,7 @@ def test_localize_and_landmarks_through_the_cli(tmp_path: Path, capsys: pytest.C
     assert model.backbone.num_features == 128
     capsys.readouterr()
     assert main(["val", "localize", "--weights", str(weights), "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert set(metrics) == {"obj_acc", "cls_acc", "miou", "acc_iou50"} and metrics["miou"] > 0.2
     image = sorted((data / "images" / "val").iterdir())[0]
     assert (
@@ -277,7 +288,7 @@ def test_localize_and_landmarks_through_the_cli(tmp_path: Path, capsys: pytest.C
         str(kites),
         *TINY,
         "--epochs",
-        "4",
+        "6",  # 4 validation images make the NME noisy: at 4 epochs it had not yet fallen below epoch 1's
         "--loss",
         "wing",
         "--project",

@@ -28,6 +28,7 @@ from cnnkit.errors import DataError
 from cnnkit.layers import FrozenBatchNorm2d
 from cnnkit.ops import conv_transpose2d_reference
 from cnnkit.tasks.segment import SegmentationEvaluator, SegmentationTask, dice_loss, focal_loss
+from cnnkit.weights import read_metadata
 
 SEGMENTERS = [n for n in cnnkit.list_models("unet*") if n != "unet"]
 
@@ -265,7 +266,8 @@ def test_train_val_predict_segment_through_the_cli(
     assert main(["val", "segment", "--weights", str(weights), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["metrics"]) == {"miou", "mdice", "pixel_acc", "mean_acc"}
-    assert len(report["per_class"]["names"]) == 11
+    assert [row["class"] for row in report["per_class"]] == read_metadata(weights)["class_names"]
+    assert len(report["per_class"]) == 11 and {"iou", "dice", "acc"} <= set(report["per_class"][0])
     images = sorted((data / "images" / "val").iterdir())[:2]
     out = tmp_path / "pred"
     assert (

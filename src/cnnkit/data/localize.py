@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cnnkit.data.detect import DetReport, DetSample
+from cnnkit.data.formats import read_box_data, sniff_box_format
 from cnnkit.data.images import is_image, read_image
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
@@ -97,103 +98,49 @@ def read_localization_json(path: str | os.PathLike[str]) -> list[LocSample]:
     return samples
 
 
-def _largest(
-    boxes: list[tuple[str, tuple[float, float, float, float]]],
-) -> tuple[str, tuple[float, float, float, float]]:
-    return max(boxes, key=lambda b: (b[1][2] - b[1][0]) * (b[1][3] - b[1][1]))
-
-
-def read_yolo_single(image_dir: Path, names: Sequence[str]) -> list[LocSample]:
-    """Images and ``labels/`` (``cls cx cy w h`` normalised): the largest box per image, or no object."""
-    from PIL import Image
-
-    label_dir = Path(str(image_dir).replace(f"{os.sep}images", f"{os.sep}labels"))
-    samples = []
-    for img in sorted(p for p in image_dir.rglob("*") if is_image(p)):
-        label_file = label_dir / img.relative_to(image_dir).with_suffix(".txt")
-        lines = (
-            [ln.split() for ln in label_file.read_text().splitlines() if ln.strip()]
-            if label_file.exists()
-            else []
-        )
-        if not lines:
-            samples.append(LocSample(img, None, None))
+def largest_objects(samples: Sequence[DetSample], names: Sequence[str]) -> list[LocSample]:
+    """One main object per image from a box dataset: the largest box (no box: no object)."""
+    out = []
+    for s in samples:
+        if not len(s.boxes):
+            out.append(LocSample(s.path, None, None))
             continue
-        with Image.open(img) as im:
-            w, h = im.size
-        boxes = []
-        for lineno, parts in enumerate(lines, start=1):
-            if len(parts) < 5:
-                raise DataError(f"{label_file}:{lineno}: expected 'class cx cy w h', got {' '.join(parts)!r}")
-            c, cx, cy, bw, bh = int(parts[0]), *(float(v) for v in parts[1:5])
-            if not 0 <= c < len(names):
-                raise DataError(f"{label_file}:{lineno}: class {c} is not among the {len(names)} names")
-            boxes.append(
-                (names[c], ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
-            )
-        label, box = _largest(boxes)
-        samples.append(LocSample(img, label, box))
-    return samples
+        areas = (s.boxes[:, 2] - s.boxes[:, 0]) * (s.boxes[:, 3] - s.boxes[:, 1])
+        i = int(areas.argmax())
+        box = tuple(float(v) for v in s.boxes[i].tolist())
+        out.append(LocSample(s.path, names[int(s.labels[i])], box))  # type: ignore[arg-type]
+    return out
 
 
-def read_voc_single(root: Path, ids: Sequence[str] | None = None) -> list[LocSample]:
-    """Pascal VOC ``Annotations/*.xml``: the largest object of each image."""
-    samples = []
-    xmls = (
-        sorted((root / "Annotations").glob("*.xml"))
-        if ids is None
-        else [root / "Annotations" / f"{i}.xml" for i in ids]
-    )
-    for xml in xmls:
-        try:
-            tree = ET.parse(xml).getroot()
-        except (OSError, ET.ParseError) as exc:
-            raise DataError(f"{xml}: cannot parse ({exc})") from None
-        image = root / "JPEGImages" / (tree.findtext("filename") or f"{xml.stem}.jpg")
-        boxes = []
-        for obj in tree.iter("object"):
-            bb = obj.find("bndbox")
-            if bb is None:
-                continue
-            box = tuple(float(bb.findtext(k) or "nan") for k in ("xmin", "ymin", "xmax", "ymax"))
-            boxes.append((obj.findtext("name") or "object", box))
-        samples.append(LocSample(image, *_largest(boxes)) if boxes else LocSample(image, None, None))  # type: ignore[arg-type]
-    return samples
+def _is_coco(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def read_localization(
-    source: str | os.PathLike[str],
-) -> tuple[list[LocSample], list[LocSample] | None, list[str] | None]:
-    """``(samples, val samples or None, class names or None)`` from a CSV, JSON, YOLO or VOC source."""
+    source: str | os.PathLike[str], *, val_fraction: float = 0.2, seed: int = 0, strict: bool = False
+) -> tuple[list[LocSample], list[LocSample] | None, list[str] | None, DetReport]:
+    """``(samples, val samples or None, class names or None, report)`` from a localization CSV or JSON,
+    a folder with ``train.csv`` (+ ``val.csv``), or any box dataset format (YOLO, COCO, Pascal VOC; read
+    by the detection readers, the largest box of each image)."""
     source = Path(source)
     if source.is_file() and source.suffix == ".csv":
-        return read_localization_csv(source), None, None
-    if source.is_file() and source.suffix == ".json":
-        return read_localization_json(source), None, None
-    if source.is_dir():
-        if (source / "train.csv").is_file():
-            val = source / "val.csv"
-            return (
-                read_localization_csv(source / "train.csv"),
-                read_localization_csv(val) if val.is_file() else None,
-                None,
-            )
-        if (source / "data.yaml").is_file():
-            cfg = load_yaml(source / "data.yaml")
-            base = source / str(cfg.get("path", "."))
-            names = cfg["names"]
-            names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-            train = read_yolo_single(base / cfg["train"], names)
-            val_samples = read_yolo_single(base / cfg["val"], names) if cfg.get("val") else None
-            return train, val_samples, names
-        if (source / "Annotations").is_dir():
-            sets = source / "ImageSets" / "Main"
-            if (sets / "train.txt").is_file() and (sets / "val.txt").is_file():
-                ids = [(sets / f).read_text().split() for f in ("train.txt", "val.txt")]
-                return read_voc_single(source, ids[0]), read_voc_single(source, ids[1]), None
-            return read_voc_single(source), None, None
+        return read_localization_csv(source), None, None, DetReport()
+    if source.is_file() and source.suffix == ".json" and not _is_coco(source):
+        return read_localization_json(source), None, None, DetReport()
+    if source.is_dir() and (source / "train.csv").is_file():
+        val = source / "val.csv"
+        val_samples = read_localization_csv(val) if val.is_file() else None
+        return read_localization_csv(source / "train.csv"), val_samples, None, DetReport()
+    if sniff_box_format(source) is not None:
+        boxes = read_box_data(source, val_fraction=val_fraction, seed=seed, strict=strict)
+        train = largest_objects(boxes.train, boxes.names)
+        return train, largest_objects(boxes.val, boxes.names), boxes.names, boxes.report
     raise DataError(
-        f"{source}: expected a localization CSV/JSON, a folder with train.csv, a YOLO data.yaml or VOC"
+        f"{source}: expected a localization CSV/JSON, a folder with train.csv, or a box dataset "
+        "(YOLO data.yaml, COCO JSON, Pascal VOC)"
     )
 
 

@@ -18,12 +18,11 @@ from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
 from cnnkit.data.images import iter_frames
 from cnnkit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentConfig,
     classify_eval_transform,
     classify_train_transform,
 )
+from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
@@ -44,6 +43,7 @@ from cnnkit.workflows.common import (
     record_skipped,
     resume_point,
 )
+from cnnkit.workflows.record import RunRecord
 
 log = logging.getLogger("cnnkit")
 
@@ -125,6 +125,7 @@ def train(
     project: str | os.PathLike[str] = "runs",
     name: str = "exp",
     resume: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train a classifier on a class-folder or CSV dataset; returns the run's result (weights, metrics).
 
@@ -150,25 +151,21 @@ def train(
     net = create_model(model, num_classes=len(class_names), weights=pretrained, **args)
     run_dir = new_run_dir(project, "classify", name)
     record_skipped(run_dir, [*train_set.skipped.items, *val_set.skipped.items])
-    meta = {
-        "task": "classify",
-        "class_names": class_names,
-        "imgsz": cfg.imgsz,
-        "crop_fraction": augment.crop_fraction,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "data": str(data),
-        "val": None if val is None else str(val),
-        "val_fraction": val_fraction,
-        "augment": dataclasses.asdict(augment),
-        "label_smoothing": label_smoothing,
-        "transfer": dataclasses.asdict(transfer),
-        "pretrained": None if pretrained is None else str(pretrained),
-        "model_config": net.cnnkit_config,
-        "train_config": cfg.to_dict(),
-        "stage": 1,
-    }
-    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer)
+    meta = RunRecord.new(
+        "classify",
+        net.cnnkit_config,  # type: ignore[arg-type]
+        cfg,
+        class_names=class_names,
+        data=str(data),
+        val=None if val is None else str(val),
+        val_fraction=val_fraction,
+        crop_fraction=augment.crop_fraction,
+        augment=dataclasses.asdict(augment),
+        label_smoothing=label_smoothing,
+        transfer=dataclasses.asdict(transfer),
+        pretrained=None if pretrained is None else str(pretrained),
+    ).to_metadata()
+    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, callbacks=callbacks)
 
 
 def _fit_stages(
@@ -182,6 +179,7 @@ def _fit_stages(
     *,
     start_stage: int = 1,
     resume: Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Stage 1 (head, or the whole net without ``freeze``), then stage 2 (fine-tuning) when asked for."""
     task = ClassificationTask(len(train_set.class_names), float(meta["label_smoothing"]))
@@ -198,7 +196,9 @@ def _fit_stages(
                 f"{trainable:,}",
                 f"{n_frozen:,}",
             )
-        result = fit(task, net, train_set, val_set, cfg, run_dir, resume=resume, metadata=meta)
+        result = fit(
+            task, net, train_set, val_set, cfg, run_dir, resume=resume, metadata=meta, callbacks=callbacks
+        )
         if not two_stage:
             return result
         resume = None
@@ -221,6 +221,7 @@ def _fit_stages(
         run_dir / "finetune",
         resume=resume,
         metadata={**meta, "stage": 2},
+        callbacks=callbacks,
     )
 
 
@@ -255,7 +256,7 @@ def load_classifier(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[st
 
 def val(
     weights: str | os.PathLike[str],
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
     *,
     batch: int = 64,
     imgsz: int | None = None,
@@ -263,11 +264,21 @@ def val(
     workers: int = 2,
     fast: bool = True,
 ) -> tuple[dict[str, float], ClassificationEvaluator]:
-    """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name)."""
+    """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name); without
+    ``data``, on the validation split of the training data (the same seeded split)."""
     model, meta = load_classifier(weights)
     names = meta.get("class_names")
     size = imgsz or int(meta.get("imgsz", 224))
     transform = classify_eval_transform(size, float(meta.get("crop_fraction", 0.875)))
+    if data is None:
+        if "data" not in meta:
+            raise DataError(f"{weights} does not record its training data; pass --data")
+        seed = int(meta.get("train_config", {}).get("seed", 0))
+        _, val_samples, _ = resolve_splits(meta["data"], meta.get("val"), meta.get("val_fraction", 0.2), seed)
+        names = meta["class_names"]
+        dataset = ClassificationDataset(val_samples, names, transform, source=f"{meta['data']} (val)")
+        task = ClassificationTask(len(dataset.class_names))
+        return evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers, fast=fast)
     data = Path(data)
     if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
         split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)
@@ -290,6 +301,7 @@ def val(
 class Prediction:
     path: str
     topk: list[tuple[str, float]]  # (class name, probability), most likely first
+    drawn: str | None = None  # the image with its top classes written on it (``out``)
 
 
 @torch.inference_mode()
@@ -301,9 +313,11 @@ def predict(
     batch: int = 32,
     device: str = "auto",
     fast: bool = True,
+    out: str | os.PathLike[str] | None = None,
 ) -> Iterable[Prediction]:
     """Classify images (files, folders or globs, and video frames), yielding predictions as batches
-    complete; ``fast=False`` runs in fp32 without the fast inference path.
+    complete; ``fast=False`` runs in fp32 without the fast inference path. With ``out``, each image is
+    written there with its top classes on it.
 
     Unreadable images are reported in the log and skipped.
     """
@@ -312,24 +326,44 @@ def predict(
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
     k = min(topk, len(names))
-    paths: list[str] = []
+    out_dir = Path(out) if out is not None else None
+    frames: list[Any] = []
     tensors: list[torch.Tensor] = []
 
     def flush() -> Iterable[Prediction]:
         probs = prepared(torch.stack(tensors)).float().softmax(1)
         top = probs.topk(k, 1)
-        for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
-            yield Prediction(p, [(names[i], round(v, 6)) for v, i in zip(values, indices)])
-        paths.clear()
+        for frame, values, indices in zip(frames, top.values.tolist(), top.indices.tolist()):
+            topk = [(names[i], round(v, 6)) for v, i in zip(values, indices)]
+            drawn = (
+                None if out_dir is None else str(draw_topk(frame.image, topk, out_dir / f"{frame.stem}.jpg"))
+            )
+            yield Prediction(frame.name, topk, drawn)
+        frames.clear()
         tensors.clear()
 
     for frame in iter_frames(sources):
-        paths.append(frame.name)
+        frames.append(frame)
         tensors.append(transform(frame.image))
         if len(tensors) == batch:
             yield from flush()
     if tensors:
         yield from flush()
+
+
+def draw_topk(image: torch.Tensor, topk: Sequence[tuple[str, float]], path: Path) -> Path:
+    """Write ``image [3, H, W] uint8`` with its top classes and probabilities in its top-left corner."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(img)
+    lines = [f"{c} {v:.2f}" for c, v in topk[:3]]
+    box = draw.multiline_textbbox((2, 2), "\n".join(lines))
+    draw.rectangle(box, fill=(0, 0, 0))
+    draw.multiline_text((2, 2), "\n".join(lines), fill=(255, 255, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=92)
+    return path
 
 
 def predictions_to_json(preds: Iterable[Prediction]) -> str:

@@ -19,17 +19,16 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from cnnkit.api import create_model
-from cnnkit.data.classify import split_dataset
-from cnnkit.data.detect import DetReport, DetSample, read_coco, read_voc, read_yolo
+from cnnkit.data.detect import DetSample
 from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
+from cnnkit.data.formats import BoxData, read_box_data
 from cnnkit.data.images import iter_frames
-from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import FitResult, fit, new_run_dir, seed_everything
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
-from cnnkit.io import load_yaml
 from cnnkit.models.yolo import Neck
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
@@ -41,6 +40,7 @@ from cnnkit.workflows.common import (
     record_skipped,
     resume_point,
 )
+from cnnkit.workflows.record import RunRecord
 
 log = logging.getLogger("cnnkit")
 
@@ -49,6 +49,7 @@ log = logging.getLogger("cnnkit")
 class DetectOptions:
     """Model and loss options of a detection run (the engine's are in :class:`TrainConfig`)."""
 
+    model: str = "yolo"  # a registered detector taking a backbone, strides and anchors
     backbone: str = "resnet18"
     backbone_args: dict[str, Any] = field(default_factory=dict)
     strides: tuple[int, ...] = (8, 16, 32)
@@ -63,75 +64,8 @@ class DetectOptions:
     strict: bool = False  # stop at the first bad annotation instead of skipping the sample
 
 
-@dataclass
-class DetectionData:
-    train: list[DetSample]
-    val: list[DetSample]
-    names: list[str]
-    report: DetReport
-
-
-def _coco_pair(root: Path) -> tuple[Path, Path | None]:
-    found = sorted((root / "annotations").glob("instances_*.json"))
-    train = next((p for p in found if "train" in p.stem), None)
-    val = next((p for p in found if "val" in p.stem), None)
-    if train is None:
-        raise DataError(f"{root}/annotations: no instances_train*.json")
-    return train, val
-
-
-def read_detection_data(
-    data: str | os.PathLike[str],
-    *,
-    val: str | os.PathLike[str] | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    strict: bool = False,
-) -> DetectionData:
-    """Train and validation samples, class names and what the readers fixed or skipped."""
-    path = Path(data)
-    val_samples: list[DetSample] | None = None
-    reports: list[DetReport] = []
-    if path.is_dir() and (path / "data.yaml").is_file():
-        path = path / "data.yaml"
-    if path.suffix in (".yaml", ".yml"):
-        train, names, r = read_yolo(path, "train", strict=strict)
-        reports.append(r)
-        split = next((k for k in ("val", "valid", "test") if load_yaml(path).get(k)), None)
-        if split is not None:
-            val_samples, _, r = read_yolo(path, split, strict=strict)
-            reports.append(r)
-    elif path.suffix == ".json" or (path.is_dir() and (path / "annotations").is_dir()):
-        train_json, found_val = (path, None) if path.suffix == ".json" else _coco_pair(path)
-        val_json = Path(val) if val is not None else found_val
-        train, names, r = read_coco(train_json, strict=strict)
-        reports.append(r)
-        if val_json is not None:
-            val_samples, _, r = read_coco(val_json, strict=strict)
-            reports.append(r)
-    elif path.is_dir() and (path / "Annotations").is_dir():
-        train, names, r = read_voc(path, "train", strict=strict)
-        reports.append(r)
-        if (path / "ImageSets" / "Main" / "val.txt").is_file():
-            val_samples, _, r = read_voc(path, "val", names=names, strict=strict)
-            reports.append(r)
-    else:
-        raise DataError(
-            f"{data}: not a detection dataset (expected a YOLO data.yaml, a COCO instances JSON or a folder "
-            "with annotations/instances_*.json, or a Pascal VOC root with Annotations/)"
-        )
-    report = DetReport()
-    for r in reports:
-        report.clipped.update(r.clipped)
-        report.dropped.update(r.dropped)
-        report.problems.extend(r.problems)
-    if val_samples is None:
-        tr, va = split_dataset(len(train), val_fraction, seed)
-        train, val_samples = [train[i] for i in tr], [train[i] for i in va]
-    if not train:
-        first = f"; first: {report.problems[0]}" if report.problems else ""
-        raise DataError(f"{data}: no usable training image ({report.summary()}){first}")
-    return DetectionData(train, val_samples, names, report)
+DetectionData = BoxData
+read_detection_data = read_box_data  # the name the first release exported
 
 
 def letterboxed_sizes(samples: Sequence[DetSample], imgsz: int) -> torch.Tensor:
@@ -207,9 +141,11 @@ def train(
     project: str | os.PathLike[str] = "runs",
     name: str = "exp",
     resume: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
-    """Train a YOLO detector on ``data``; ``pretrained`` initialises the backbone (a classifier's
-    weights, its head dropped). Anchors are fitted to the data unless ``opts.anchors`` gives them."""
+    """Train a detector (``opts.model``, YOLO by default) on ``data``; ``pretrained`` initialises the
+    backbone (a classifier's weights, its head dropped). Anchors are fitted to the data unless
+    ``opts.anchors`` gives them."""
     if resume is not None:
         return _resume(resume)
     cfg = cfg or TrainConfig()
@@ -218,7 +154,7 @@ def train(
     ds = read_detection_data(data, val=val, val_fraction=val_fraction, seed=cfg.seed, strict=opts.strict)
     _report_data(ds, str(data))
     net = create_model(
-        "yolo",
+        opts.model,
         num_classes=len(ds.names),
         backbone=opts.backbone,
         backbone_args=opts.backbone_args,
@@ -233,21 +169,19 @@ def train(
     train_set, val_set = _datasets(ds, cfg.imgsz, opts)
     run_dir = new_run_dir(project, "detect", name)
     record_skipped(run_dir, ds.report.skipped())
-    meta = {
-        "task": "detect",
-        "class_names": ds.names,
-        "imgsz": cfg.imgsz,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "data": str(data),
-        "val": None if val is None else str(val),
-        "val_fraction": val_fraction,
-        "options": _options_dict(opts),
-        "model_config": config,
-        "train_config": cfg.to_dict(),
-    }
+    meta = RunRecord.new(
+        "detect",
+        config,
+        cfg,
+        class_names=ds.names,
+        data=str(data),
+        val=None if val is None else str(val),
+        val_fraction=val_fraction,
+        options=_options_dict(opts),
+    ).to_metadata()
+    task = _task(net, ds.names, opts)
     return fit(
-        _task(net, ds.names, opts), net, train_set, val_set, cfg, run_dir, metadata=meta, collate_fn=collate
+        task, net, train_set, val_set, cfg, run_dir, metadata=meta, collate_fn=collate, callbacks=callbacks
     )
 
 
@@ -293,6 +227,7 @@ def val(
     *,
     val_data: str | os.PathLike[str] | None = None,
     batch: int = 16,
+    imgsz: int | None = None,
     device: str = "auto",
     workers: int = 2,
     conf: float = 0.001,
@@ -311,7 +246,7 @@ def val(
         seed=seed,
     )
     _report_data(ds, str(source))
-    val_set = DetectionDataset(ds.val, int(meta["imgsz"]), False)
+    val_set = DetectionDataset(ds.val, imgsz or int(meta["imgsz"]), False)
     task = _task(model, meta["class_names"], opts, eval_conf=conf, eval_iou=iou)
     return evaluate_dataset(
         task, model, val_set, batch=batch, device=device, workers=workers, fast=fast, collate_fn=collate

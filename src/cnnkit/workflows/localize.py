@@ -22,7 +22,7 @@ from cnnkit.data.localize import (
     read_landmarks,
     read_localization,
 )
-from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import (
@@ -36,6 +36,7 @@ from cnnkit.inference import prepare
 from cnnkit.ops.boxes import clip
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
 from cnnkit.workflows.common import evaluate_dataset, load_task_model, preprocess, rebuild_model, resume_point
+from cnnkit.workflows.record import RunRecord
 
 log = logging.getLogger("cnnkit")
 
@@ -50,9 +51,16 @@ def _split(
 
 
 def _localization_sets(
-    data: str | os.PathLike[str], imgsz: int, fraction: float, seed: int, names: Sequence[str] | None = None
+    data: str | os.PathLike[str],
+    imgsz: int,
+    fraction: float,
+    seed: int,
+    names: Sequence[str] | None = None,
+    strict: bool = False,
 ) -> tuple[LocalizationDataset, LocalizationDataset, list[str]]:
-    train, val, found = read_localization(data)
+    train, val, found, report = read_localization(data, val_fraction=fraction, seed=seed, strict=strict)
+    for line in report.problems[:20]:
+        log.warning("%s", line)
     train, val = _split(train, val, fraction, seed)
     names = list(names or found or sorted({s.label for s in train if s.label is not None}))
     if not names:
@@ -93,6 +101,8 @@ def train(
     project: str | os.PathLike[str] = "runs",
     name: str = "exp",
     resume: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train a localizer (``task="localize"``) or a landmark regressor (``task="landmarks"``).
 
@@ -107,19 +117,11 @@ def train(
         "backbone_args": backbone_args,
         "backbone_weights": None if pretrained is None else str(pretrained),
     }
-    meta: dict[str, Any] = {
-        "task": task,
-        "imgsz": cfg.imgsz,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "data": str(data),
-        "val_fraction": val_fraction,
-        "train_config": cfg.to_dict(),
-    }
+    meta: dict[str, Any] = {"data": str(data), "val_fraction": val_fraction, "strict": strict}
     train_set: Any
     val_set: Any
     if task == "localize":
-        train_set, val_set, names = _localization_sets(data, cfg.imgsz, val_fraction, cfg.seed)
+        train_set, val_set, names = _localization_sets(data, cfg.imgsz, val_fraction, cfg.seed, strict=strict)
         net = create_model("localizer", num_classes=len(names), **common)
         meta["class_names"] = names
         the_task: Any = LocalizationTask(len(names))
@@ -135,15 +137,20 @@ def train(
         raise CnnkitError(f"task must be 'localize' or 'landmarks', got {task!r}")
     config: dict[str, Any] = net.cnnkit_config  # type: ignore[assignment]
     config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
-    meta["model_config"] = config
+    meta = RunRecord.new(task, config, cfg, **meta).to_metadata()
     run_dir = new_run_dir(project, task, name)
-    return fit(the_task, net, train_set, val_set, cfg, run_dir, metadata=meta)
+    return fit(the_task, net, train_set, val_set, cfg, run_dir, metadata=meta, callbacks=callbacks)
 
 
 def _task_and_sets(meta: dict[str, Any], cfg: TrainConfig) -> tuple[Any, Any, Any]:
     if meta["task"] == "localize":
         tr, va, names = _localization_sets(
-            meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["class_names"]
+            meta["data"],
+            cfg.imgsz,
+            meta["val_fraction"],
+            cfg.seed,
+            meta["class_names"],
+            meta.get("strict", False),
         )
         return LocalizationTask(len(names)), tr, va
     points, points_val, _ = _landmark_sets(
@@ -171,13 +178,14 @@ def val(
     data: str | os.PathLike[str] | None = None,
     *,
     batch: int = 32,
+    imgsz: int | None = None,
     device: str = "auto",
     workers: int = 2,
     fast: bool = True,
 ) -> dict[str, float]:
     """Metrics on the validation split of ``data`` (default: the training data's)."""
     model, meta = load(weights, task)
-    cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
+    cfg = TrainConfig(imgsz=imgsz or int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
     the_task, _, val_set = _task_and_sets({**meta, "data": str(data or meta["data"])}, cfg)
     metrics, _ = evaluate_dataset(
         the_task, model, val_set, batch=batch, device=device, workers=workers, fast=fast

@@ -24,7 +24,7 @@ from cnnkit.data.segment import (
     infer_num_classes,
     resolve_segmentation_data,
 )
-from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import (
@@ -45,6 +45,7 @@ from cnnkit.workflows.common import (
     record_skipped,
     resume_point,
 )
+from cnnkit.workflows.record import RunRecord
 
 log = logging.getLogger("cnnkit")
 
@@ -105,6 +106,7 @@ def train(
     project: str | os.PathLike[str] = "runs",
     name: str = "exp",
     resume: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train a segmentation model (``unet``, ``unet_same``, ``unet_<encoder>``...) on an image/mask set."""
     if resume is not None:
@@ -119,21 +121,19 @@ def train(
     )
     run_dir = new_run_dir(project, "segment", name)
     record_skipped(run_dir, [*spec.missing, *train_set.skipped.items, *val_set.skipped.items])
-    meta = {
-        "task": "segment",
-        "class_names": names,
-        "imgsz": cfg.imgsz,
-        "ignore_index": spec.ignore_index,
-        "palette": spec.palette,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "data": str(data),
-        "val_fraction": val_fraction,
-        "options": {**opts.__dict__},
-        "model_config": net.cnnkit_config,
-        "train_config": cfg.to_dict(),
-    }
-    return fit(_task(names, spec.ignore_index, opts), net, train_set, val_set, cfg, run_dir, metadata=meta)
+    meta = RunRecord.new(
+        "segment",
+        net.cnnkit_config,  # type: ignore[arg-type]
+        cfg,
+        class_names=names,
+        data=str(data),
+        val_fraction=val_fraction,
+        options={**opts.__dict__},
+        ignore_index=spec.ignore_index,
+        palette=spec.palette,
+    ).to_metadata()
+    task = _task(names, spec.ignore_index, opts)
+    return fit(task, net, train_set, val_set, cfg, run_dir, metadata=meta, callbacks=callbacks)
 
 
 def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> SegmentationTask:
@@ -157,16 +157,19 @@ def load_segmenter(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str
 
 def val(
     weights: str | os.PathLike[str],
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
     *,
     batch: int = 16,
+    imgsz: int | None = None,
     device: str = "auto",
     workers: int = 2,
     fast: bool = True,
 ) -> tuple[dict[str, float], SegmentationEvaluator]:
-    """Evaluate on the validation split of ``data`` (the split the training used, by the same seed)."""
+    """Evaluate on the validation split of ``data`` (default: the training data; the split the training
+    used, by the same seed)."""
     model, meta = load_segmenter(weights)
-    cfg = TrainConfig(imgsz=int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
+    data = data or meta["data"]
+    cfg = TrainConfig(imgsz=imgsz or int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
     fraction = float(meta.get("val_fraction", 0.2))
     _, val_set, names, spec = _datasets(data, cfg, SegmentOptions(), fraction, meta["class_names"])
     binary = getattr(model, "num_classes", 0) == 1

@@ -1,0 +1,230 @@
+"""Task specs: one class per task, registered by name, whose ``Options`` dataclass is the only place its
+defaults live. Command-line flags (types, choices, help, aliases) and YAML keys are generated from it,
+and one CLI loop serves every registered task (see :mod:`cnnkit.cli_tasks`).
+
+Adding a task = a :class:`TaskSpec` subclass decorated with :func:`register_task` (plus its data reader
+if it is new, and a test): nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+
+from cnnkit.engine.callbacks import Callback
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.trainer import FitResult
+from cnnkit.errors import CnnkitError
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flags: Sequence[str] = (),
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    nargs: str | None = None,
+) -> Any:
+    """A field of a task's ``Options``: its default, its help, extra flag names (aliases), and a parser
+    for values that are not plain ``int``/``float``/``str``/JSON."""
+    meta = {"help": help, "flags": tuple(flags), "parse": parse, "metavar": metavar, "nargs": nargs}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 0.5}}', got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ValReport:
+    """What ``val`` found: the metrics, one row per class, and any task-specific extras (JSON-able)."""
+
+    metrics: dict[str, float]
+    per_class: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PredictRecord:
+    """One prediction as JSON (``data``) and as a line of text (``text``)."""
+
+    data: dict[str, Any]
+    text: str
+
+
+class TaskSpec:
+    """What makes a task a task at the workflow level. Subclasses set the class attributes and implement
+    :meth:`train`, :meth:`resume`, :meth:`val` and :meth:`predict`."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    data_help: ClassVar[str]
+    Options: ClassVar[type]
+    #: val/predict options beyond the common ones: ``{dest: (default, help, type)}``
+    val_options: ClassVar[dict[str, tuple[Any, str, type]]] = {}
+    predict_options: ClassVar[dict[str, tuple[Any, str, type]]] = {}
+    val_batch: ClassVar[int] = 32
+
+    def train(
+        self,
+        opts: Any,
+        cfg: TrainConfig,
+        *,
+        project: str | os.PathLike[str],
+        name: str,
+        callbacks: Sequence[Callback] = (),
+    ) -> FitResult:
+        raise NotImplementedError
+
+    def resume(self, run: str | os.PathLike[str]) -> FitResult:
+        raise NotImplementedError
+
+    def val(self, weights: str, data: str | None, **kwargs: Any) -> ValReport:
+        raise NotImplementedError
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, **kwargs: Any
+    ) -> Iterator[PredictRecord]:
+        raise NotImplementedError
+
+    def predictions_json(self, records: list[PredictRecord]) -> Any:
+        """What ``predict --json`` prints: the list of per-image records (detection: COCO results)."""
+        return [r.data for r in records]
+
+
+_TASKS: dict[str, TaskSpec] = {}
+S = TypeVar("S", bound=type[TaskSpec])
+
+
+def register_task(name: str) -> Callable[[S], S]:
+    """Class decorator: register a :class:`TaskSpec` under ``name`` (once)."""
+
+    def decorator(cls: S) -> S:
+        if name in _TASKS:
+            raise CnnkitError(f"task {name!r} is already registered")
+        cls.name = name
+        _TASKS[name] = cls()
+        return cls
+
+    return decorator
+
+
+def get_task(name: str) -> TaskSpec:
+    _load_builtin_tasks()
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise CnnkitError(f"unknown task {name!r}; tasks: {', '.join(_TASKS)}") from None
+
+
+def list_tasks() -> list[str]:
+    _load_builtin_tasks()
+    return list(_TASKS)
+
+
+def _load_builtin_tasks() -> None:
+    import cnnkit.workflows.tasks  # noqa: F401  (registers the built-in specs)
+
+
+# -- dataclass <-> argparse / YAML -------------------------------------------------------------------
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(group: Any, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per field of dataclass ``cls``; every flag defaults to ``None`` (= keep the field's default),
+    which the help shows."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        meta = f.metadata
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        shown = "" if default is None or default == () else f" (default {_show(default)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta.get('help', '')}{shown}"}
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if meta.get("parse") is not None:
+            kwargs["type"] = meta["parse"]
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(args)
+        elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            kwargs.update(type=args[0], nargs="+")
+        elif origin is tuple:
+            kwargs.update(type=args[0], nargs=len(args))
+        elif origin is dict or tp is dict:
+            kwargs["type"] = json_object
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp!r}")
+        for key in ("metavar", "nargs"):
+            if meta.get(key):
+                kwargs[key] = meta[key]
+        group.add_argument(_flag(f.name), *meta.get("flags", ()), **kwargs)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def dataclass_from_values(cls: type[T], values: dict[str, Any], source: str = "options") -> T:
+    """Build ``cls`` from a mapping (command-line values, YAML): unknown keys are refused with the known
+    ones listed; lists become tuples where the field is a tuple."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise CnnkitError(f"{source}: unknown keys {unknown}; known keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    clean = {}
+    for key, value in values.items():
+        if isinstance(value, list) and typing.get_origin(_unwrap_optional(hints[key])) is tuple:
+            value = tuple(value)
+        clean[key] = value
+    try:
+        return cls(**clean)
+    except (TypeError, ValueError) as exc:
+        raise CnnkitError(f"{source}: {exc}") from None
+
+
+def values_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` the user set on the command line."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
