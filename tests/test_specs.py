@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cnnkit.cli import build_parser, main
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.workflows.record import RunRecord
-from cnnkit.workflows.spec import dataclass_from_values, get_task, list_tasks
+from cnnkit.workflows.spec import get_task, list_tasks
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
 
@@ -24,7 +24,7 @@ def test_every_task_has_the_same_verbs_and_flags_from_its_options() -> None:
     for task in list_tasks():
         spec = get_task(task)
         args = parser.parse_args(["train", task, "--data", "d"])
-        opts = dataclass_from_values(spec.Options, {})
+        opts = config_from_dict(spec.Options, {})
         # every Options field is a flag whose unset value keeps the dataclass default
         for f in dataclasses.fields(spec.Options):
             assert hasattr(args, f.name), (task, f.name)
@@ -44,7 +44,7 @@ def test_generated_flags_parse_types_choices_and_custom_values() -> None:
         ["train", "detect", "--data", "d", "--strides", "8", "16", "--anchors", "10,13 16,30; 30,61 62,45",
          "--neck", "fpn", "--scale", "0.5", "1.5", "--no-strict", "--backbone-args", '{"width": 0.25}']
     )  # fmt: skip
-    opts = dataclass_from_values(get_task("detect").Options, {k: v for k, v in vars(args).items()
+    opts = config_from_dict(get_task("detect").Options, {k: v for k, v in vars(args).items()
                                  if k in {f.name for f in dataclasses.fields(get_task("detect").Options)}
                                  and v is not None})  # fmt: skip
     assert opts.strides == (8, 16) and opts.scale == (0.5, 1.5) and opts.neck == "fpn"

@@ -10,41 +10,24 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 from typing import Any
 
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.io import load_yaml
 from cnnkit.workflows.spec import (
     TaskSpec,
     add_dataclass_arguments,
-    dataclass_from_values,
     get_task,
     list_tasks,
     values_from_args,
 )
 
 FAST_HELP = "fast inference path: folded BatchNorm, channels-last, bf16/fp16 autocast (--no-fast: fp32)"
-#: engine options set in a --config YAML only (no flag of their own)
-_ENGINE_ONLY = ("ema_decay", "momentum", "min_lr_ratio", "step_epochs", "step_gamma")
-_TRAIN_HELP = {
-    "epochs": "passes over the training data",
-    "batch": "per-process batch size",
-    "accumulate": "micro-batches per optimizer step (gradient accumulation)",
-    "sync_bn": "BatchNorm statistics over the global batch (CUDA, distributed)",
-    "imgsz": "input size",
-    "grad_clip": "max gradient norm (0 turns clipping off)",
-    "device": "auto, cpu, cuda, cuda:N",
-    "patience": "early stopping after N epochs without improvement",
-    "save_period": "epochs between checkpoints of last.pt",
-    "warmup_epochs": "linear warm-up of the learning rate",
-    "weight_decay": "not applied to norm layers and biases",
-}
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """Engine options shared by every task's ``train`` (defaults from :class:`TrainConfig`)."""
+    """Engine options of every task's ``train`` (flags, help and defaults from :class:`TrainConfig`)."""
     g = p.add_argument_group("training")
     g.add_argument("--config", help="YAML of training and task options (command-line flags override it)")
     g.add_argument(
@@ -56,33 +39,19 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project", default="runs", help="root of run directories (default runs/)")
     g.add_argument("--name", default="exp", help="run name (runs/TASK/NAME, numbered if it exists)")
     g.add_argument("--resume", help="a run directory or its weights/last.pt to continue")
-    add_dataclass_arguments(g, _TrainFlags)
-
-
-def _train_flags() -> type:
-    """:class:`TrainConfig` with the help texts of the command line (same fields and defaults)."""
-    hints = typing.get_type_hints(TrainConfig)
-    fields = [
-        (
-            f.name,
-            hints[f.name],
-            dataclasses.field(default=f.default, metadata={"help": _TRAIN_HELP.get(f.name, "")}),
-        )
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in _ENGINE_ONLY
-    ]
-    return dataclasses.make_dataclass("TrainFlags", fields)
-
-
-_TrainFlags = _train_flags()
+    add_dataclass_arguments(g, TrainConfig)
 
 
 def train_config(args: argparse.Namespace, yaml_values: dict[str, Any] | None = None) -> TrainConfig:
-    values = dict(yaml_values or {})
-    values.update(values_from_args(args, _TrainFlags))
+    values = {**(yaml_values or {}), **values_from_args(args, TrainConfig)}
     if values.get("grad_clip") == 0:
         values["grad_clip"] = None
-    return dataclass_from_values(TrainConfig, values, args.config or "options")
+    return config_from_dict(TrainConfig, values, args.config or "options")
+
+
+def _options(args: argparse.Namespace, cls: type | None) -> Any:
+    """A spec's val/predict options (its dataclass's defaults where not given), or None if it has none."""
+    return None if cls is None else config_from_dict(cls, values_from_args(args, cls), "options")
 
 
 def _split_yaml(path: str | None, spec: TaskSpec) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = spec.resume(args.resume)
     else:
         train_yaml, task_yaml = _split_yaml(args.config, spec)
-        opts: Any = dataclass_from_values(spec.Options, {**task_yaml, **values_from_args(args, spec.Options)})
+        opts: Any = config_from_dict(spec.Options, {**task_yaml, **values_from_args(args, spec.Options)})
         if not getattr(opts, "data", None):
             raise CnnkitError(f"train {spec.name}: --data is required (or --resume RUN)")
         result = spec.train(opts, train_config(args, train_yaml), project=args.project, name=args.name)
@@ -128,7 +97,6 @@ def _fmt(value: Any) -> str:
 
 def cmd_val(args: argparse.Namespace) -> int:
     spec: TaskSpec = args.spec
-    extra = {k: getattr(args, k) for k in spec.val_options}
     report = spec.val(
         args.weights,
         args.data,
@@ -137,7 +105,7 @@ def cmd_val(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         fast=args.fast,
-        **extra,
+        options=_options(args, spec.ValOptions),
     )
     if args.json:
         print(
@@ -155,10 +123,14 @@ def cmd_val(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     spec: TaskSpec = args.spec
-    extra = {k: getattr(args, k) for k in spec.predict_options}
     records = []
     for record in spec.predict(
-        args.weights, args.sources, out=args.out, device=args.device, fast=args.fast, **extra
+        args.weights,
+        args.sources,
+        out=args.out,
+        device=args.device,
+        fast=args.fast,
+        options=_options(args, spec.PredictOptions),
     ):
         if args.json:
             records.append(record)
@@ -167,16 +139,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(spec.predictions_json(records), indent=2))
     return 0
-
-
-def _add_extra(p: argparse.ArgumentParser, options: dict[str, tuple[Any, str, type]]) -> None:
-    for dest, (default, help_text, kind) in options.items():
-        flag = "--" + dest.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            shown = "" if default is None else f" (default {default})"
-            p.add_argument(flag, type=kind, default=default, help=help_text + shown)
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -230,7 +192,8 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--batch", type=int, help=f"batch size (default {spec.val_batch})")
         p.add_argument("--imgsz", type=int, help="input size (default: the training size)")
         p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
-        _add_extra(p, spec.val_options)
+        if spec.ValOptions is not None:
+            add_dataclass_arguments(p, spec.ValOptions)
         p.set_defaults(func=cmd_val, spec=spec)
 
         p = predict.add_parser(name, help=spec.help)
@@ -239,7 +202,8 @@ def add_commands(sub: Any) -> None:
         p.add_argument(
             "--out", default=f"runs/predict/{name}", help=f"where results are drawn (runs/predict/{name})"
         )
-        _add_extra(p, spec.predict_options)
+        if spec.PredictOptions is not None:
+            add_dataclass_arguments(p, spec.PredictOptions)
         if name == "detect":  # kept for old scripts: drawn images are always written to --out now
             p.add_argument("--save-img", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(func=cmd_predict, spec=spec)

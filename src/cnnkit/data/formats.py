@@ -50,16 +50,8 @@ def register_box_format(fmt: BoxFormat) -> BoxFormat:
     return fmt
 
 
-def box_formats() -> list[BoxFormat]:
-    return list(_FORMATS)
-
-
-def _yolo_yaml(path: Path) -> Path:
-    return path / "data.yaml" if path.is_dir() else path
-
-
 def _read_yolo(path: Path, val: Path | None, strict: bool) -> Splits:
-    yaml_path = _yolo_yaml(path)
+    yaml_path = path / "data.yaml" if path.is_dir() else path
     train, names, report = read_yolo(yaml_path, "train", strict=strict)
     reports, val_samples = [report], None
     split = next((k for k in ("val", "valid", "test") if load_yaml(yaml_path).get(k)), None)

@@ -113,10 +113,14 @@ def largest_objects(samples: Sequence[DetSample], names: Sequence[str]) -> list[
 
 
 def _is_coco(path: Path) -> bool:
+    """A COCO file is a JSON object; a localization JSON is a list. Only the first bytes are read (COCO
+    files run to hundreds of megabytes, and the reader parses them once)."""
     try:
-        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        with path.open("rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
         return False
+    return head.startswith(b"{")
 
 
 def read_localization(

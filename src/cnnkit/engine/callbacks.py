@@ -55,7 +55,6 @@ class FitState:
     world_size: int = 1
     #: Sum of the (detached) losses of the micro-batches of the optimizer step in progress.
     window_loss: torch.Tensor | None = None
-    micro_batches: int = 0  # in the step in progress
 
     @property
     def weights_dir(self) -> Path:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
 
 from cnnkit.errors import CnnkitError
 from cnnkit.io import load_yaml
@@ -14,38 +16,44 @@ __all__ = ["TrainConfig", "config_from_dict", "load_yaml"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
+T = TypeVar("T")
+
+
+def _help(default: Any, text: str) -> Any:
+    """A field with a command-line flag whose help is ``text`` (fields without one are set in YAML)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class TrainConfig:
     """Everything the engine needs to run a fit; task- and data-specific options live with the task."""
 
-    epochs: int = 10
-    batch: int = 32  # per process: the global batch is batch x processes x accumulate
-    accumulate: int = 1  # micro-batches whose gradients add up before each optimizer step
-    sync_bn: bool = False  # distributed on CUDA: BatchNorm statistics over the global batch
-    imgsz: int = 224
-    optimizer: Optimizer = "adamw"
-    lr: float = 1e-3
+    epochs: int = _help(10, "passes over the training data")
+    batch: int = _help(32, "per-process batch size (global batch = batch x processes x accumulate)")
+    accumulate: int = _help(1, "micro-batches per optimizer step (gradient accumulation)")
+    sync_bn: bool = _help(False, "BatchNorm statistics over the global batch (CUDA, distributed)")
+    imgsz: int = _help(224, "input size")
+    optimizer: Optimizer = _help("adamw", "optimizer")
+    lr: float = _help(1e-3, "learning rate")
     momentum: float = 0.9  # SGD momentum / Adam beta1
-    weight_decay: float = 1e-4  # not applied to norm layers and biases
-    schedule: Schedule = "cosine"
-    warmup_epochs: float = 1.0
+    weight_decay: float = _help(1e-4, "weight decay (not applied to norm layers and biases)")
+    schedule: Schedule = _help("cosine", "learning-rate schedule")
+    warmup_epochs: float = _help(1.0, "linear warm-up of the learning rate")
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
     step_epochs: int = 30  # step schedule: multiply by step_gamma every step_epochs
     step_gamma: float = 0.1
-    grad_clip: float | None = 10.0  # max global gradient norm; None turns clipping off
-    ema: bool = False
+    grad_clip: float | None = _help(10.0, "max global gradient norm (0 turns clipping off)")
+    ema: bool = _help(False, "evaluate and save an exponential moving average of the weights")
     ema_decay: float = 0.999
-    amp: Amp = "auto"
-    channels_last: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    patience: int | None = None  # early stopping: epochs without improvement
-    save_period: int = 1  # epochs between checkpoints of last.pt
-    quiet: bool = False
-    plots: bool = True
+    amp: Amp = _help("auto", "autocast: bf16 on CPUs that have it, fp16/bf16 on CUDA")
+    channels_last: bool = _help(False, "channels-last memory format")
+    device: str = _help("auto", "auto, cpu, cuda, cuda:N")
+    seed: int = _help(0, "seed of the run (data order, initialisation, augmentation)")
+    workers: int = _help(2, "data loading processes")
+    patience: int | None = _help(None, "early stopping after N epochs without improvement")
+    save_period: int = _help(1, "epochs between checkpoints of last.pt")
+    quiet: bool = _help(False, "no progress bar")
+    plots: bool = _help(True, "draw results.png and the task's plots")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch < 1 or self.imgsz < 1:
@@ -71,10 +79,29 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def config_from_dict(cls: type[Any], values: dict[str, Any], source: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys with the list of known ones."""
-    known = {f.name for f in fields(cls)}
+def unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> ``X``; any other type unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping (command-line values, YAML, run metadata): unknown keys are
+    refused with the list of known ones, and lists become tuples where the field is a tuple (JSON and
+    YAML have no tuples)."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         raise CnnkitError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    clean = {
+        k: tuple(v) if isinstance(v, list) and typing.get_origin(unwrap_optional(hints[k])) is tuple else v
+        for k, v in values.items()
+    }
+    try:
+        return cls(**clean)
+    except (TypeError, ValueError) as exc:
+        raise CnnkitError(f"{source}: {exc}") from None

@@ -241,7 +241,7 @@ class Trainer:
         if first:
             set_lr(self.optimizer, cfg.lr, lr_factor(s.step, self._steps_per_epoch, cfg))
             self.optimizer.zero_grad(set_to_none=True)
-            s.window_loss, s.micro_batches = None, 0
+            s.window_loss = None
             for hook in self.hooks:
                 hook.before_step(s)
         batch = to_device(batch, self.device, cfg.channels_last)
@@ -256,7 +256,6 @@ class Trainer:
             self.scaler.scale(loss / window if window > 1 else loss).backward()
         detached = loss.detach().float()
         s.window_loss = detached if s.window_loss is None else s.window_loss + detached
-        s.micro_batches += 1
         if last:
             for hook in self.hooks:
                 hook.after_backward(s)

@@ -23,7 +23,7 @@ from cnnkit.data.transforms import (
     classify_train_transform,
 )
 from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
 from cnnkit.engine.trainer import (
@@ -37,7 +37,6 @@ from cnnkit.inference import prepare
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.workflows.common import (
     evaluate_dataset,
-    lists_to_tuples,
     load_task_model,
     rebuild_model,
     record_skipped,
@@ -230,7 +229,7 @@ def _resume(resume: str | os.PathLike[str]) -> FitResult:
     last, meta, cfg = resume_point(resume)
     stage = int(meta["stage"])
     run_dir = last.parent.parent if stage == 1 else last.parent.parent.parent
-    augment = AugmentConfig(**lists_to_tuples(meta["augment"]))
+    augment = config_from_dict(AugmentConfig, meta["augment"], str(last))
     train_samples, val_samples, class_names = resolve_splits(
         meta["data"], meta["val"], meta["val_fraction"], cfg.seed
     )
@@ -245,7 +244,7 @@ def _resume(resume: str | os.PathLike[str]) -> FitResult:
         val_samples, class_names, classify_eval_transform(cfg.imgsz, augment.crop_fraction)
     )
     net = rebuild_model(meta)
-    transfer = TransferConfig(**lists_to_tuples(meta["transfer"]))
+    transfer = config_from_dict(TransferConfig, meta["transfer"], str(last))
     return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, start_stage=stage, resume=last)
 
 
@@ -267,34 +266,36 @@ def val(
     """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name); without
     ``data``, on the validation split of the training data (the same seeded split)."""
     model, meta = load_classifier(weights)
-    names = meta.get("class_names")
     size = imgsz or int(meta.get("imgsz", 224))
     transform = classify_eval_transform(size, float(meta.get("crop_fraction", 0.875)))
+    dataset = _val_dataset(weights, meta, data, transform)
+    task = ClassificationTask(len(dataset.class_names))
+    return evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers, fast=fast)
+
+
+def _val_dataset(
+    weights: str | os.PathLike[str], meta: dict[str, Any], data: str | os.PathLike[str] | None, transform: Any
+) -> ClassificationDataset:
+    """``data`` (class folders, a dataset root's validation split, or a CSV), or without it the training
+    data's validation split (the same seeded split); classes matched by name."""
+    names = meta.get("class_names")
     if data is None:
         if "data" not in meta:
             raise DataError(f"{weights} does not record its training data; pass --data")
         seed = int(meta.get("train_config", {}).get("seed", 0))
         _, val_samples, _ = resolve_splits(meta["data"], meta.get("val"), meta.get("val_fraction", 0.2), seed)
-        names = meta["class_names"]
-        dataset = ClassificationDataset(val_samples, names, transform, source=f"{meta['data']} (val)")
-        task = ClassificationTask(len(dataset.class_names))
-        return evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers, fast=fast)
+        return ClassificationDataset(
+            val_samples, meta["class_names"], transform, source=f"{meta['data']} (val)"
+        )
     data = Path(data)
     if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
         split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)
         if split is None:
             raise DataError(f"{data}: has train/ but no {'/'.join(VAL_DIR_NAMES)} folder to validate on")
         data = split
-    dataset = (
-        ClassificationDataset.from_csv(data, transform, names)
-        if data.is_file()
-        else ClassificationDataset.from_folder(data, transform, names)
-    )
-    task = ClassificationTask(len(dataset.class_names))
-    metrics, evaluator = evaluate_dataset(
-        task, model, dataset, batch=batch, device=device, workers=workers, fast=fast
-    )
-    return metrics, evaluator
+    if data.is_file():
+        return ClassificationDataset.from_csv(data, transform, names)
+    return ClassificationDataset.from_folder(data, transform, names)
 
 
 @dataclass(frozen=True)

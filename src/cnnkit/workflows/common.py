@@ -70,11 +70,6 @@ def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:
     log.warning("%d files skipped; listed in %s", len(items), run_dir / "skipped.txt")
 
 
-def lists_to_tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """Undo JSON's tuple-to-list conversion for a frozen config dataclass read back from metadata."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
 def evaluate_dataset(
     task: Task,
     model: nn.Module,

@@ -24,7 +24,7 @@ from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz
 from cnnkit.data.formats import BoxData, read_box_data
 from cnnkit.data.images import iter_frames
 from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import FitResult, fit, new_run_dir, seed_everything
 from cnnkit.errors import DataError
@@ -34,7 +34,6 @@ from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.workflows.common import (
     evaluate_dataset,
-    lists_to_tuples,
     load_task_model,
     rebuild_model,
     record_skipped,
@@ -192,11 +191,10 @@ def _options_dict(opts: DetectOptions) -> dict[str, Any]:
 
 
 def _options(d: dict[str, Any]) -> DetectOptions:
-    d = dict(d)
-    augment = DetAugment(**lists_to_tuples(d.pop("augment")))
-    anchors = d.pop("anchors")
+    anchors = d["anchors"]
     anchors_t = tuple(tuple(tuple(a) for a in level) for level in anchors) if anchors else None
-    return DetectOptions(**lists_to_tuples(d), anchors=anchors_t, augment=augment)  # type: ignore[arg-type]
+    augment = config_from_dict(DetAugment, d["augment"], "options.augment")
+    return config_from_dict(DetectOptions, {**d, "anchors": anchors_t, "augment": augment}, "options")
 
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:

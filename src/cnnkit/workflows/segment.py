@@ -25,7 +25,7 @@ from cnnkit.data.segment import (
     resolve_segmentation_data,
 )
 from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.trainer import (
     FitResult,
@@ -38,7 +38,6 @@ from cnnkit.inference import prepare
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
 from cnnkit.workflows.common import (
     evaluate_dataset,
-    lists_to_tuples,
     load_task_model,
     preprocess,
     rebuild_model,
@@ -142,7 +141,7 @@ def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> Segm
 
 def _resume(resume: str | os.PathLike[str]) -> FitResult:
     last, meta, cfg = resume_point(resume)
-    opts = SegmentOptions(**lists_to_tuples(meta["options"]))  # type: ignore[arg-type]
+    opts = config_from_dict(SegmentOptions, meta["options"], str(last))
     train_set, val_set, names, spec = _datasets(
         meta["data"], cfg, opts, meta["val_fraction"], meta["class_names"]
     )

@@ -12,14 +12,13 @@ import argparse
 import dataclasses
 import json
 import os
-import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, unwrap_optional
 from cnnkit.engine.trainer import FitResult
 from cnnkit.errors import CnnkitError
 
@@ -30,14 +29,13 @@ def option(
     default: Any,
     help: str,
     *,
-    flags: Sequence[str] = (),
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
     nargs: str | None = None,
 ) -> Any:
-    """A field of a task's ``Options``: its default, its help, extra flag names (aliases), and a parser
-    for values that are not plain ``int``/``float``/``str``/JSON."""
-    meta = {"help": help, "flags": tuple(flags), "parse": parse, "metavar": metavar, "nargs": nargs}
+    """A field of a task's ``Options``: its default, its help, and a parser (with ``nargs``) for values that
+    are not plain ``int``/``float``/``str``/tuples/JSON objects."""
+    meta = {"help": help, "parse": parse, "metavar": metavar, "nargs": nargs}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,9 +78,9 @@ class TaskSpec:
     help: ClassVar[str]
     data_help: ClassVar[str]
     Options: ClassVar[type]
-    #: val/predict options beyond the common ones: ``{dest: (default, help, type)}``
-    val_options: ClassVar[dict[str, tuple[Any, str, type]]] = {}
-    predict_options: ClassVar[dict[str, tuple[Any, str, type]]] = {}
+    #: dataclasses of the val/predict options beyond the common ones (thresholds, top-k...), if any
+    ValOptions: ClassVar[type | None] = None
+    PredictOptions: ClassVar[type | None] = None
     val_batch: ClassVar[int] = 32
 
     def train(
@@ -99,12 +97,15 @@ class TaskSpec:
     def resume(self, run: str | os.PathLike[str]) -> FitResult:
         raise NotImplementedError
 
-    def val(self, weights: str, data: str | None, **kwargs: Any) -> ValReport:
+    def val(self, weights: str, data: str | None, *, options: Any = None, **kwargs: Any) -> ValReport:
+        """Evaluate ``weights``; ``options`` is a ``ValOptions`` instance (None: its defaults); ``kwargs``
+        are the common ones (batch, imgsz, device, workers, fast)."""
         raise NotImplementedError
 
     def predict(
-        self, weights: str, sources: Sequence[str], *, out: str | None, **kwargs: Any
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kwargs: Any
     ) -> Iterator[PredictRecord]:
+        """Predict on images; ``options`` is a ``PredictOptions`` instance (None: its defaults)."""
         raise NotImplementedError
 
     def predictions_json(self, records: list[PredictRecord]) -> Any:
@@ -147,27 +148,19 @@ def _load_builtin_tasks() -> None:
 
 
 # -- dataclass <-> argparse / YAML -------------------------------------------------------------------
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_arguments(group: Any, cls: type, skip: Sequence[str] = ()) -> None:
-    """One flag per field of dataclass ``cls``; every flag defaults to ``None`` (= keep the field's default),
-    which the help shows."""
+def add_dataclass_arguments(group: Any, cls: type) -> None:
+    """One flag per field of dataclass ``cls`` that has help text (the others are YAML keys only); every
+    flag defaults to ``None`` (= keep the field's default), which the help shows."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
         meta = f.metadata
-        tp = _unwrap_optional(hints[f.name])
+        if "help" not in meta:
+            continue
+        tp = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         shown = "" if default is None or default == () else f" (default {_show(default)})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta.get('help', '')}{shown}"}
@@ -191,7 +184,7 @@ def add_dataclass_arguments(group: Any, cls: type, skip: Sequence[str] = ()) -> 
         for key in ("metavar", "nargs"):
             if meta.get(key):
                 kwargs[key] = meta[key]
-        group.add_argument(_flag(f.name), *meta.get("flags", ()), **kwargs)
+        group.add_argument(_flag(f.name), **kwargs)
 
 
 def _show(value: Any) -> str:
@@ -200,25 +193,6 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
-
-
-def dataclass_from_values(cls: type[T], values: dict[str, Any], source: str = "options") -> T:
-    """Build ``cls`` from a mapping (command-line values, YAML): unknown keys are refused with the known
-    ones listed; lists become tuples where the field is a tuple."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise CnnkitError(f"{source}: unknown keys {unknown}; known keys: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    clean = {}
-    for key, value in values.items():
-        if isinstance(value, list) and typing.get_origin(_unwrap_optional(hints[key])) is tuple:
-            value = tuple(value)
-        clean[key] = value
-    try:
-        return cls(**clean)
-    except (TypeError, ValueError) as exc:
-        raise CnnkitError(f"{source}: {exc}") from None
 
 
 def values_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
@@ -18,7 +18,6 @@ from cnnkit.tasks.segment import SegLoss
 from cnnkit.weights import read_metadata
 from cnnkit.workflows.spec import PredictRecord, TaskSpec, ValReport, option, register_task
 
-Options_ = dict[str, tuple[Any, str, type]]
 VAL_FRACTION = "seeded validation split when the data has none"
 PRETRAINED_BACKBONE = "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
 BACKBONE = "a zoo classifier as the backbone (cnnkit models)"
@@ -63,13 +62,18 @@ class ClassifyOptions:
     crop_fraction: float = option(0.875, "evaluation: centre crop of the resized image")
 
 
+@dataclass(frozen=True)
+class ClassifyPredict:
+    topk: int = option(5, "classes shown per image")
+
+
 @register_task("classify")
 class Classify(TaskSpec):
     help = "image classification (class folders or a path,label CSV)"
     data_help = "class folders, a dataset root (its val split) or a CSV"
     Options = ClassifyOptions
     val_batch = 64
-    predict_options: ClassVar[Options_] = {"topk": (5, "classes shown per image", int)}
+    PredictOptions = ClassifyPredict
 
     def train(
         self,
@@ -107,17 +111,18 @@ class Classify(TaskSpec):
 
         return classify.train(".", resume=run)
 
-    def val(self, weights: str, data: str | None, **kw: Any) -> ValReport:
+    def val(self, weights: str, data: str | None, *, options: Any = None, **kw: Any) -> ValReport:
         from cnnkit.workflows import classify
 
         metrics, evaluator = classify.val(weights, data, **kw)
         return ValReport(metrics, evaluator.per_class(_names(weights)))
 
     def predict(
-        self, weights: str, sources: Sequence[str], *, out: str | None, topk: int = 5, **kw: Any
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
     ) -> Iterator[PredictRecord]:
         from cnnkit.workflows import classify
 
+        topk = (options or ClassifyPredict()).topk
         for p in classify.predict(weights, sources, topk=topk, out=out, **kw):
             top = [{"class": c, "prob": round(v, 4)} for c, v in p.topk]
             text = ", ".join(f"{c} {v:.3f}" for c, v in p.topk)
@@ -183,7 +188,7 @@ class Segment(TaskSpec):
 
         return segment.train(".", resume=run)
 
-    def val(self, weights: str, data: str | None, **kw: Any) -> ValReport:
+    def val(self, weights: str, data: str | None, *, options: Any = None, **kw: Any) -> ValReport:
         from cnnkit.workflows import segment
 
         metrics, evaluator = segment.val(weights, data, **kw)
@@ -195,7 +200,7 @@ class Segment(TaskSpec):
         return ValReport(metrics, rows)
 
     def predict(
-        self, weights: str, sources: Sequence[str], *, out: str | None, **kw: Any
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
     ) -> Iterator[PredictRecord]:
         from cnnkit.workflows import segment
 
@@ -234,23 +239,29 @@ class DetectOptions:
     strict: bool = option(False, "stop at the first bad annotation instead of skipping the sample")
 
 
+@dataclass(frozen=True)
+class DetectVal:
+    val: str | None = option(None, "COCO: the validation JSON")
+    conf: float = option(0.001, "score threshold")
+    iou: float = option(0.6, "NMS IoU threshold")
+
+
+@dataclass(frozen=True)
+class DetectPredict:
+    conf: float = option(0.25, "score threshold")
+    iou: float = option(0.45, "NMS IoU threshold")
+    max_det: int = option(300, "boxes kept per image")
+    agnostic: bool = option(False, "class-agnostic NMS")
+
+
 @register_task("detect")
 class Detect(TaskSpec):
     help = "object detection (YOLO data.yaml, COCO JSON, Pascal VOC)"
     data_help = "default: the training data (its validation split)"
     Options = DetectOptions
     val_batch = 16
-    val_options: ClassVar[Options_] = {
-        "val": (None, "COCO: the validation JSON", str),
-        "conf": (0.001, "score threshold", float),
-        "iou": (0.6, "NMS IoU threshold", float),
-    }
-    predict_options: ClassVar[Options_] = {
-        "conf": (0.25, "score threshold", float),
-        "iou": (0.45, "NMS IoU threshold", float),
-        "max_det": (300, "boxes kept per image", int),
-        "agnostic": (False, "class-agnostic NMS", bool),
-    }
+    ValOptions = DetectVal
+    PredictOptions = DetectPredict
 
     def train(
         self,
@@ -300,30 +311,34 @@ class Detect(TaskSpec):
 
         return detect.train(".", resume=run)
 
-    def val(self, weights: str, data: str | None, *, val: str | None = None, **kw: Any) -> ValReport:
+    def val(self, weights: str, data: str | None, *, options: Any = None, **kw: Any) -> ValReport:
         from cnnkit.workflows import detect
 
-        metrics, evaluator = detect.val(weights, data, val_data=val, **kw)
+        o = options or DetectVal()
+        metrics, evaluator = detect.val(weights, data, val_data=o.val, conf=o.conf, iou=o.iou, **kw)
         coco = evaluator.result.stats if evaluator.result else {}
         return ValReport(metrics, evaluator.per_class(_names(weights)), {"coco": coco})
 
     def predict(
-        self, weights: str, sources: Sequence[str], *, out: str | None, **kw: Any
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
     ) -> Iterator[PredictRecord]:
         from cnnkit.workflows import detect
 
-        for p in detect.predict(weights, sources, out=out, **kw):
+        o = options or DetectPredict()
+        preds = detect.predict(
+            weights, sources, out=out, conf=o.conf, iou=o.iou, max_det=o.max_det, agnostic=o.agnostic, **kw
+        )
+        for p in preds:
             found = ", ".join(
                 f"{lab} {s:.2f} {[round(v, 1) for v in b]}" for b, s, lab in zip(p.boxes, p.scores, p.labels)
             )
             drawn = f" -> {p.drawn}" if p.drawn else ""
             text = f"{p.path}: {len(p.boxes)} objects{': ' + found if found else ''}{drawn}"
-            yield PredictRecord({"prediction": p}, text)
+            yield PredictRecord({"path": p.path, "results": detect.coco_results([p]), "drawn": p.drawn}, text)
 
     def predictions_json(self, records: list[PredictRecord]) -> Any:
-        from cnnkit.workflows import detect
-
-        return detect.coco_results([r.data["prediction"] for r in records])
+        """COCO's results format: one entry per box, every image's boxes in one list."""
+        return [box for r in records for box in r.data["results"]]
 
 
 @dataclass(frozen=True)
@@ -358,10 +373,19 @@ class LandmarkOptions:
     )
 
 
+@dataclass(frozen=True)
+class LocalizePredict:
+    conf: float = option(0.5, "objectness threshold")
+
+
 class _OneObject(TaskSpec):
     """Localization and landmarks share a workflow module: one head on a zoo backbone per image."""
 
     data_help = "default: the training data (its validation split)"
+
+    def task_args(self, opts: Any) -> dict[str, Any]:
+        """The task's own arguments of ``localize.train``."""
+        raise NotImplementedError
 
     def train(
         self,
@@ -374,11 +398,6 @@ class _OneObject(TaskSpec):
     ) -> FitResult:
         from cnnkit.workflows import localize
 
-        extra: dict[str, Any] = {}
-        if isinstance(opts, LandmarkOptions):
-            extra = {"loss": opts.loss, "flip_pairs": opts.flip_pairs, "norm_points": opts.norm_points}
-        else:
-            extra = {"strict": opts.strict}
         return localize.train(
             self.name,
             opts.data,
@@ -390,7 +409,7 @@ class _OneObject(TaskSpec):
             project=project,
             name=name,
             callbacks=callbacks,
-            **extra,
+            **self.task_args(opts),
         )
 
     def resume(self, run: str | os.PathLike[str]) -> FitResult:
@@ -398,39 +417,49 @@ class _OneObject(TaskSpec):
 
         return localize.train(self.name, ".", resume=run)
 
-    def val(self, weights: str, data: str | None, **kw: Any) -> ValReport:
+    def val(self, weights: str, data: str | None, *, options: Any = None, **kw: Any) -> ValReport:
         from cnnkit.workflows import localize
 
         return ValReport(localize.val(weights, self.name, data, **kw), [])
-
-    def predict(
-        self, weights: str, sources: Sequence[str], *, out: str | None, conf: float = 0.5, **kw: Any
-    ) -> Iterator[PredictRecord]:
-        from cnnkit.workflows import localize
-
-        for p in localize.predict(weights, self.name, sources, out=out, threshold=conf, **kw):
-            if self.name == "localize":
-                box = None if p.box is None else [round(v, 2) for v in p.box]
-                data = {"path": p.path, "object_prob": round(p.object_prob, 4), "class": p.label,
-                        "class_prob": round(p.class_prob, 4), "box": box, "drawn": p.drawn}  # fmt: skip
-                what = (
-                    f"{p.label} {p.class_prob:.2f} box {box}" if box else f"no object ({p.object_prob:.2f})"
-                )
-            else:
-                points = [[round(x, 2), round(y, 2)] for x, y in p.points or []]
-                data = {"path": p.path, "points": points, "drawn": p.drawn}
-                what = f"points {points}"
-            yield PredictRecord(data, f"{p.path}: {what}")
 
 
 @register_task("localize")
 class Localize(_OneObject):
     help = "one main object per image: class + box (or none)"
     Options = LocalizeOptions
-    predict_options: ClassVar[Options_] = {"conf": (0.5, "objectness threshold", float)}
+    PredictOptions = LocalizePredict
+
+    def task_args(self, opts: LocalizeOptions) -> dict[str, Any]:
+        return {"strict": opts.strict}
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        from cnnkit.workflows import localize
+
+        conf = (options or LocalizePredict()).conf
+        for p in localize.predict(weights, "localize", sources, out=out, threshold=conf, **kw):
+            box = None if p.box is None else [round(v, 2) for v in p.box]
+            data = {"path": p.path, "object_prob": round(p.object_prob, 4), "class": p.label,
+                    "class_prob": round(p.class_prob, 4), "box": box, "drawn": p.drawn}  # fmt: skip
+            what = f"{p.label} {p.class_prob:.2f} box {box}" if box else f"no object ({p.object_prob:.2f})"
+            yield PredictRecord(data, f"{p.path}: {what}")
 
 
 @register_task("landmarks")
 class Landmarks(_OneObject):
     help = "K points per image"
     Options = LandmarkOptions
+
+    def task_args(self, opts: LandmarkOptions) -> dict[str, Any]:
+        return {"loss": opts.loss, "flip_pairs": opts.flip_pairs, "norm_points": opts.norm_points}
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        from cnnkit.workflows import localize
+
+        for p in localize.predict(weights, "landmarks", sources, out=out, **kw):
+            points = [[round(x, 2), round(y, 2)] for x, y in p.points or []]
+            data = {"path": p.path, "points": points, "drawn": p.drawn}
+            yield PredictRecord(data, f"{p.path}: points {points}")
