@@ -137,6 +137,18 @@ def test_early_stopping(tmp_path: Path) -> None:
     assert len(result.history) - result.best_epoch == 2
 
 
+def test_a_stop_decided_after_the_checkpoint_still_saves_the_last_epoch(tmp_path: Path) -> None:
+    """Early stopping (or a stop agreed across ranks) is decided after the epoch's checkpoint hook ran;
+    with a long --save-period the run must still end with its last epoch resumable on disk."""
+    noise = TensorDataset(torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,)))
+    cfg = CFG.replace(epochs=30, patience=2, save_period=100)
+    result = fit(ClassificationTask(2), tiny_model(), noise, noise, cfg, tmp_path)
+    assert len(result.history) < 30
+    state = torch.load(tmp_path / "weights" / "last.pt", weights_only=True)
+    assert state["epoch"] == len(result.history)
+    assert load_file(tmp_path / "weights" / "last.safetensors")  # the weights beside it
+
+
 def test_run_dirs_are_numbered(tmp_path: Path) -> None:
     assert new_run_dir(tmp_path, "classify").name == "exp"
     assert new_run_dir(tmp_path, "classify").name == "exp2"

@@ -163,27 +163,40 @@ class Checkpoint(Callback):
 
     def __init__(self, period: int = 1) -> None:
         self.period = max(period, 1)
+        self.saved_epoch = 0  # the epoch whose state last.pt holds
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.saved_epoch = state.epoch
 
     def on_epoch_end(self, state: FitState) -> None:
-        assert state.training_state is not None and state.eval_model is not None
-        if not state.is_main:
-            return
         final = state.epoch >= state.epochs or state.stop
-        saved_last = state.epoch % self.period == 0 or final
-        if saved_last or state.improved:
-            meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
-            name = "last" if saved_last else "best"
-            written = save_weights(state.eval_model, state.weights_dir / f"{name}.safetensors", meta)
-            if saved_last and state.improved:  # the same bytes: link instead of writing them twice
-                with atomic_path(state.weights_dir / "best.safetensors") as tmp:
-                    tmp.unlink()
-                    try:
-                        os.link(written, tmp)
-                    except OSError:  # a filesystem without hard links
-                        shutil.copyfile(written, tmp)
-        if saved_last:
+        self._save(state, last=state.epoch % self.period == 0 or final)
+
+    def on_fit_end(self, state: FitState) -> None:
+        # A stop decided after this hook ran (early stopping, a stop agreed across ranks) still leaves
+        # the last epoch resumable on disk.
+        if state.epoch > self.saved_epoch:
+            self._save(state, last=True)
+
+    def _save(self, state: FitState, *, last: bool) -> None:
+        assert state.training_state is not None and state.eval_model is not None
+        if not state.is_main or not (last or state.improved):
+            return
+        meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
+        written = save_weights(
+            state.eval_model, state.weights_dir / f"{'last' if last else 'best'}.safetensors", meta
+        )
+        if last and state.improved:  # the same bytes: link instead of writing them twice
+            with atomic_path(state.weights_dir / "best.safetensors") as tmp:
+                tmp.unlink()
+                try:
+                    os.link(written, tmp)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(written, tmp)
+        if last:
             with atomic_path(state.weights_dir / "last.pt") as tmp:
                 torch.save(state.training_state(), tmp)
+            self.saved_epoch = state.epoch
 
 
 class EarlyStopping(Callback):
