@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cnnkit.cli import main
@@ -44,7 +46,7 @@ def pretrained(digits_0_4: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_train_val_predict_through_the_cli(
-    pretrained: Path, digits_0_4: Path, capsys: pytest.CaptureFixture[str]
+    pretrained: Path, digits_0_4: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     meta = read_metadata(pretrained)
     assert meta["class_names"] == ["four", "one", "three", "two", "zero"]
@@ -75,12 +77,30 @@ def test_train_val_predict_through_the_cli(
     images = sorted((digits_0_4 / "val" / "three").glob("*.png"))[:4]
     assert (
         main(
-            ["predict", "classify", "--weights", str(pretrained), *map(str, images), "--json", "--topk", "2"]
+            [
+                "predict",
+                "classify",
+                "--weights",
+                str(pretrained),
+                *map(str, images),
+                "--json",
+                "--topk",
+                "2",
+                "--out",
+                str(tmp_path / "pred"),
+            ]
         )
         == 0
     )
     preds = json.loads(capsys.readouterr().out)
     assert [p["path"] for p in preds] == [str(i) for i in images]
+    # each image is drawn enlarged, its top classes in yellow in a strip below it
+    drawn = np.asarray(Image.open(preds[0]["drawn"]).convert("RGB")).astype(int)
+    picture_height = round(Image.open(images[0]).height * 224 / Image.open(images[0]).width)
+    assert drawn.shape[1] == 224 and drawn.shape[0] > picture_height
+    strip = drawn[picture_height + 2 :]
+    text = (strip[..., 0] > 100) & (strip[..., 1] > 100) & (strip[..., 2] < strip[..., :2].min(-1) - 40)
+    assert text.sum() > 20 and not strip[:, -40:].any(-1).all()  # yellow text on a black strip
     assert all(len(p["topk"]) == 2 and p["topk"][0]["prob"] >= p["topk"][1]["prob"] for p in preds)
     assert sum(p["topk"][0]["class"] == "three" for p in preds) >= 3
     run = pretrained.parent.parent

@@ -353,17 +353,20 @@ def predict(
 
 
 def draw_topk(image: torch.Tensor, topk: Sequence[tuple[str, float]], path: Path) -> Path:
-    """Write ``image [3, H, W] uint8`` with its top classes and probabilities in its top-left corner."""
+    """Write ``image [3, H, W] uint8`` with its top classes and probabilities in a strip below it (small
+    images are enlarged first, so the text never covers the picture)."""
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(image.permute(1, 2, 0).numpy())
-    draw = ImageDraw.Draw(img)
+    if img.width < 224:
+        scale = 224 / img.width
+        img = img.resize((224, max(1, round(img.height * scale))), Image.Resampling.NEAREST)
     lines = [f"{c} {v:.2f}" for c, v in topk[:3]]
-    box = draw.multiline_textbbox((2, 2), "\n".join(lines))
-    draw.rectangle(box, fill=(0, 0, 0))
-    draw.multiline_text((2, 2), "\n".join(lines), fill=(255, 255, 0))
+    canvas = Image.new("RGB", (img.width, img.height + 12 * len(lines) + 6), (0, 0, 0))
+    canvas.paste(img, (0, 0))
+    ImageDraw.Draw(canvas).multiline_text((4, img.height + 3), "\n".join(lines), fill=(255, 255, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, quality=92)
+    canvas.save(path, quality=92)
     return path
 
 
