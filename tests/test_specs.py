@@ -112,7 +112,7 @@ LAYERS = [
     {"engine", "inference"},
     {"workflows", "export", "benchmark", "sliding"},
     {"demo"},
-    {"cli", "cli_tasks", "__init__", "__main__"},
+    {"cli", "cli_tasks", "cli_arith", "__init__", "__main__"},
 ]
 
 

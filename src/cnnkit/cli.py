@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=cmd_benchmark)
 
-    from cnnkit.cli_tasks import add_commands
+    from cnnkit import cli_arith, cli_tasks
 
-    add_commands(sub)
+    cli_tasks.add_commands(sub)
+    cli_arith.add_commands(sub)
     return parser
 
 

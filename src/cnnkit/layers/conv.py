@@ -10,22 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.arithmetic import make_divisible as make_divisible  # re-exported: the models round widths with it
 from cnnkit.arithmetic import same_padding
 
 ActLayer = Callable[[], nn.Module]
 NormLayer = Callable[[int], nn.Module]
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor``, never going more than 10% below it.
-
-    This is the channel rounding of MobileNet/EfficientNet width multipliers.
-    """
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
 
 
 def make_act(act: ActLayer) -> nn.Module:

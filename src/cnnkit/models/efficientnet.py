@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from torch import nn
 
+from cnnkit.arithmetic.scaling import (
+    EFFICIENTNET_B0,
+    EFFICIENTNET_SCALING,
+    SE_RATIO,
+    STEM_CHANNELS,
+    MBConvStage,
+    Scaling,
+    compound_scaling,
+)
 from cnnkit.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from cnnkit.layers.conv import NormLayer
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
@@ -18,65 +26,8 @@ from cnnkit.registry import register_model
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MBConvStage:
-    kernel: int
-    repeats: int
-    channels: int
-    expand: int
-    stride: int
-
-
-# EfficientNet-B0 (Table 1 of the paper): the base every variant scales.
-EFFICIENTNET_B0 = (
-    MBConvStage(3, 1, 16, 1, 1),
-    MBConvStage(3, 2, 24, 6, 2),
-    MBConvStage(5, 2, 40, 6, 2),
-    MBConvStage(3, 3, 80, 6, 2),
-    MBConvStage(5, 3, 112, 6, 1),
-    MBConvStage(5, 4, 192, 6, 2),
-    MBConvStage(3, 1, 320, 6, 1),
-)
-STEM_CHANNELS = 32
-SE_RATIO = 0.25
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """Compound-scaling coefficients of one variant."""
-
-    width: float
-    depth: float
-    resolution: int
-    dropout: float
-
-
-# The released B0-B7 (not exactly alpha**phi, see REFERENCE.md).
-EFFICIENTNET_SCALING = {
-    "efficientnet_b0": Scaling(1.0, 1.0, 224, 0.2),
-    "efficientnet_b1": Scaling(1.0, 1.1, 240, 0.2),
-    "efficientnet_b2": Scaling(1.1, 1.2, 260, 0.3),
-    "efficientnet_b3": Scaling(1.2, 1.4, 300, 0.3),
-    "efficientnet_b4": Scaling(1.4, 1.8, 380, 0.4),
-    "efficientnet_b5": Scaling(1.6, 2.2, 456, 0.4),
-    "efficientnet_b6": Scaling(1.8, 2.6, 528, 0.5),
-    "efficientnet_b7": Scaling(2.0, 3.1, 600, 0.5),
-}
 # torchvision's B5-B7 weights were ported from TensorFlow with its BatchNorm epsilon; B0-B4 use PyTorch's.
 TF_BN_VARIANTS = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
-
-
-def compound_scaling(
-    phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15, base_resolution: int = 224
-) -> Scaling:
-    """Width ``beta**phi``, depth ``alpha**phi`` and resolution ``gamma**phi * base`` (rounded to 8 px).
-
-    The paper constrains ``alpha * beta**2 * gamma**2 ~= 2`` so that each unit of ``phi`` about doubles
-    the FLOPs. Dropout grows linearly from 0.2 at phi 0 to 0.5 at phi 7, as in the released models.
-    """
-    resolution = int(round(base_resolution * gamma**phi / 8) * 8)
-    dropout = min(0.5, 0.2 + 0.3 * phi / 7)
-    return Scaling(beta**phi, alpha**phi, resolution, round(dropout, 3))
 
 
 class EfficientNet(ConvNet):

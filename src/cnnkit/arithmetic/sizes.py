@@ -83,6 +83,8 @@ def conv_transpose_output_size(
     n: int, f: int, p: int = 0, s: int = 1, output_padding: int = 0, dilation: int = 1
 ) -> int:
     """Output size of a transposed convolution: ``(n - 1) s - 2p + d(f - 1) + output_padding + 1``."""
+    if n < 1 or f < 1 or s < 1 or dilation < 1 or p < 0 or output_padding < 0:
+        raise ValueError(f"invalid transposed conv n={n} f={f} p={p} s={s} dilation={dilation}")
     if output_padding >= max(s, dilation):
         raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
     out = (n - 1) * s - 2 * p + effective_kernel(f, dilation) + output_padding
