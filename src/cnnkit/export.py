@@ -29,7 +29,6 @@ from torchvision.ops import boxes as tv_boxes
 from cnnkit.api import create_model
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm
-from cnnkit.tasks.detect import decode_outputs
 from cnnkit.weights import read_metadata
 
 log = logging.getLogger("cnnkit")
@@ -60,16 +59,19 @@ def require_onnx() -> tuple[Any, Any]:
 
 
 class DecodedDetector(nn.Module):
-    """A YOLO model whose output is decoded: ``x -> (boxes [B, N, 4] xyxy, scores [B, N, C])``."""
+    """Any detector with a ``decode`` (the family contract; YOLO is one) whose output is decoded:
+    ``x -> (boxes [B, N, 4] xyxy input pixels, scores [B, N, C])``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if not callable(getattr(model, "decode", None)):
+            raise CnnkitError(
+                f"{type(model).__name__} has no decode(outputs) -> (boxes, scores); cannot export it"
+            )
         self.model = model
-        self.strides: tuple[int, ...] = tuple(model.strides)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        anchors: torch.Tensor = self.model.anchors  # type: ignore[assignment]
-        return decode_outputs(self.model(x), anchors, self.strides)
+        return self.model.decode(self.model(x))  # type: ignore[operator,no-any-return]
 
 
 class _NonMaxSuppression(torch.autograd.Function):

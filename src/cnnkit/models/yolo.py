@@ -19,6 +19,7 @@ from torch import nn
 from cnnkit.errors import CnnkitError
 from cnnkit.layers import ConvNormAct
 from cnnkit.models.base import FeatureInfo
+from cnnkit.ops.yolo import decode_outputs
 from cnnkit.registry import register_model
 
 #: YOLOv3's COCO anchors (pixels at 416 x 416), three per scale, for strides 8, 16 and 32.
@@ -152,6 +153,12 @@ class YOLO(nn.Module):
             b, _, sy, sx = y.shape
             outs.append(y.view(b, self.num_anchors, 5 + self.num_classes, sy, sx).permute(0, 3, 4, 1, 2))
         return outs
+
+    def decode(self, outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detector-family contract (export, serving): raw outputs -> ``boxes [B, N, 4]`` xyxy input
+        pixels and ``scores [B, N, C]`` (objectness x class probability), before thresholds and NMS."""
+        anchors: torch.Tensor = self.anchors  # type: ignore[assignment]
+        return decode_outputs(outputs, anchors, self.strides)
 
 
 @register_model("yolo")

@@ -9,6 +9,7 @@ overlaps its own best (IoU of the two boxes put on the same centre).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,3 +135,17 @@ def decode_pixels(
     half = anchors.to(raw).view(1, 1, 1, a, 2) * raw[..., 2:4].exp() / 2
     boxes = torch.cat([centre - half, centre + half], -1).reshape(b, -1, 4)
     return boxes, raw[..., 4].reshape(b, -1), raw[..., 5:].reshape(b, s_y * s_x * a, -1)
+
+
+def decode_outputs(
+    outputs: Sequence[torch.Tensor], anchors: torch.Tensor, strides: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw YOLO grids (``[B, S_y, S_x, A, 5 + C]`` per scale, ``anchors [L, A, 2]`` pixels) -> every
+    prediction of every scale: ``boxes [B, N, 4]`` xyxy input pixels and ``scores [B, N, C]``
+    (objectness x class probability)."""
+    boxes, scores = [], []
+    for out, a, s in zip(outputs, anchors, strides):
+        bx, obj, cls = decode_pixels(out, a, s)
+        boxes.append(bx)
+        scores.append(obj.sigmoid().unsqueeze(-1) * cls.sigmoid())
+    return torch.cat(boxes, 1), torch.cat(scores, 1)

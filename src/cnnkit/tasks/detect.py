@@ -38,26 +38,12 @@ import torch.nn.functional as F
 
 from cnnkit.ops.boxes import box_iou, clip, complete_iou
 from cnnkit.ops.nms import Detections, multiclass_nms
-from cnnkit.ops.yolo import decode_pixels, shape_iou
+from cnnkit.ops.yolo import decode_outputs, shape_iou
 from cnnkit.tasks.base import ImageTask, Logs
 from cnnkit.tasks.coco_eval import RECALL_THRESHOLDS, CocoEvaluator, CocoResult
 
 BoxLoss = Literal["ciou", "mse"]
 SCALE_BALANCE = (4.0, 1.0, 0.4, 0.1, 0.05)
-
-
-def decode_outputs(
-    outputs: Sequence[torch.Tensor], anchors: torch.Tensor, strides: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw YOLO grids (``[B, S_y, S_x, A, 5 + C]`` per scale, ``anchors [L, A, 2]`` pixels) -> every
-    prediction of every scale: ``boxes [B, N, 4]`` xyxy input pixels and ``scores [B, N, C]``
-    (objectness x class probability)."""
-    boxes, scores = [], []
-    for out, a, s in zip(outputs, anchors, strides):
-        bx, obj, cls = decode_pixels(out, a, s)
-        boxes.append(bx)
-        scores.append(obj.sigmoid().unsqueeze(-1) * cls.sigmoid())
-    return torch.cat(boxes, 1), torch.cat(scores, 1)
 
 
 def postprocess(
