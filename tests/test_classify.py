@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from cnnkit.cli import main
 from cnnkit.weights import read_metadata
-from cnnkit.workflows import classify
+from cnnkit.workflows import run as workflow
 
 TINY = ["--model", "resnet18", "--model-args", '{"width": 0.25}', "--imgsz", "32", "--batch", "32"]
 FAST = ["--workers", "1", "--quiet", "--fliplr", "0", "--crop-fraction", "1.0", "--lr", "0.003"]
@@ -115,13 +115,15 @@ def test_transfer_with_a_frozen_base_learns_new_classes(
     from cnnkit.engine import TrainConfig
 
     cfg = TrainConfig(epochs=8, batch=32, imgsz=32, lr=0.01, workers=1, quiet=True, plots=False)
-    result = classify.train(
+    result = workflow.train(
+        "classify",
         digits_5_9,
         model=None,
-        pretrained=pretrained,
-        transfer=classify.TransferConfig(freeze=True),
+        pretrained=str(pretrained),
+        freeze=True,
+        fliplr=0,
+        crop_fraction=1.0,
         cfg=cfg,
-        augment=classify.AugmentConfig(hflip=0, crop_fraction=1.0),
         project=tmp_path,
     )
     assert result.metrics["top1"] > 0.6  # chance is 0.2

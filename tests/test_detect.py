@@ -314,7 +314,7 @@ def test_training_skips_bad_samples_and_strict_stops(tmp_path: Path, cnnkit_cli:
 
 
 def test_cli_anchor_argument() -> None:
-    from cnnkit.workflows.tasks import _anchors as _anchors_arg
+    from cnnkit.workflows.detect import _anchors_arg
 
     assert _anchors_arg("10,13 16,30; 30,61 62,45") == (
         ((10.0, 13.0), (16.0, 30.0)),

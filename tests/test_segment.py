@@ -177,7 +177,7 @@ def test_layouts_people_publish(tmp_path: Path) -> None:
     (c / "images" / "orphan.jpg").write_bytes((c / "images" / "0.jpg").read_bytes())
     spec = resolve_segmentation_data(c, val_fraction=0.3)
     assert (len(spec.train), len(spec.val)) == (7, 3)
-    assert any("orphan" in p for p, _ in spec.missing)
+    assert any("orphan" in p for p, _ in spec.report.items)
 
 
 def test_pascal_voc_layout_with_palette_masks_and_void_border(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from cnnkit.cli import build_parser, main
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.run import options_from_record
 from cnnkit.workflows.spec import get_task, list_tasks
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
@@ -99,6 +100,55 @@ def test_run_record_round_trips_exactly_and_reads_files_of_the_first_release() -
     assert old.extra["crop_fraction"] == 1.0 and "epoch" not in old.extra
     with pytest.raises(CnnkitError, match="no cnnkit run record"):
         RunRecord.from_metadata({"model": "resnet18"})
+    # the options it was trained with come back as the spec's Options, first-release names mapped
+    opts = options_from_record(get_task("classify"), legacy, "legacy.safetensors")
+    assert (opts.data, opts.fliplr, opts.crop_fraction, opts.freeze, opts.model) == (
+        "digits",
+        0.0,
+        1.0,
+        False,
+        "resnet18",
+    )
+    detect_legacy = {
+        **legacy, "task": "detect", "class_names": ["a"], "data": "boxes", "val": "val.json",
+        "model_config": {"name": "yolo", "args": {"num_classes": 1, "backbone": "resnet18",
+                         "strides": [8, 16], "anchors": [[[10, 13]], [[30, 61]]], "neck": "fpn"}},
+        "options": {"model": "yolo", "backbone": "resnet18", "box_loss": "giou", "anchor_iou": 0.4,
+                    "augment": {"scale": [0.5, 1.5], "hflip": 0.0, "mosaic": 0.5}, "strict": True},
+    }  # fmt: skip
+    det = options_from_record(get_task("detect"), detect_legacy, "legacy.safetensors")
+    assert (det.data, det.val, det.box_loss, det.anchor_iou, det.strict) == (
+        "boxes",
+        "val.json",
+        "giou",
+        0.4,
+        True,
+    )
+    assert (det.scale, det.fliplr, det.mosaic, det.neck, det.strides) == (
+        (0.5, 1.5),
+        0.0,
+        0.5,
+        "fpn",
+        (8, 16),
+    )
+    assert det.anchors == (((10, 13),), ((30, 61),))
+
+
+def test_a_new_record_stores_exactly_the_specs_options_and_reads_them_back() -> None:
+    for task in list_tasks():
+        spec = get_task(task)
+        opts = spec.Options(data="somewhere")
+        meta = {"task": task, "options": dataclasses.asdict(opts)}
+        assert options_from_record(spec, meta, "w") == opts
+        # an option this release does not know is refused, not dropped
+        with pytest.raises(CnnkitError, match="unknown keys"):
+            options_from_record(spec, {**meta, "options": {**meta["options"], "bogus": 1}}, "w")
+
+
+def test_resume_refuses_flags_that_would_change_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "classify", "--resume", "runs/x", "--epochs", "9", "--model", "vgg11"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --model, --epochs" in err and "Traceback" not in err
 
 
 # Layers from the bottom up; a module may import its own layer and those below it, never above.

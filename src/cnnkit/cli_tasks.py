@@ -70,15 +70,19 @@ def _split_yaml(path: str | None, spec: TaskSpec) -> tuple[dict[str, Any], dict[
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import run
+
     spec: TaskSpec = args.spec
     if args.resume:
-        result = spec.resume(args.resume)
+        _refuse_options_with_resume(args, spec)
+        result = run.resume(args.resume)
     else:
         train_yaml, task_yaml = _split_yaml(args.config, spec)
         opts: Any = config_from_dict(spec.Options, {**task_yaml, **values_from_args(args, spec.Options)})
         if not getattr(opts, "data", None):
             raise CnnkitError(f"train {spec.name}: --data is required (or --resume RUN)")
-        result = spec.train(opts, train_config(args, train_yaml), project=args.project, name=args.name)
+        cfg = train_config(args, train_yaml)
+        result = run.train(spec, options=opts, cfg=cfg, project=args.project, name=args.name)
     from cnnkit.engine.distributed import info
 
     if info().is_main:
@@ -89,6 +93,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_options_with_resume(args: argparse.Namespace, spec: TaskSpec) -> None:
+    """A resumed run continues with the options it was started with; a flag that would change them is
+    refused rather than silently ignored."""
+    given = [*values_from_args(args, spec.Options), *values_from_args(args, TrainConfig)]
+    if args.config:
+        given.append("config")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CnnkitError(
+            f"--resume continues {args.resume} with the options it was started with; drop {flags} "
+            "(or start a new run with them)"
+        )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -96,11 +114,14 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_val(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import run
+
     spec: TaskSpec = args.spec
-    report = spec.val(
+    report = run.val(
         args.weights,
         args.data,
-        batch=args.batch or spec.val_batch,
+        task=spec.name,
+        batch=args.batch,
         imgsz=args.imgsz,
         device=args.device,
         workers=args.workers,
@@ -122,11 +143,14 @@ def cmd_val(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnkit.workflows import run
+
     spec: TaskSpec = args.spec
     records = []
-    for record in spec.predict(
+    for record in run.predict(
         args.weights,
         args.sources,
+        task=spec.name,
         out=args.out,
         device=args.device,
         fast=args.fast,

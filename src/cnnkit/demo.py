@@ -40,9 +40,8 @@ def zoo_table(names: Sequence[str] = DEMO_ZOO) -> str:
 def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
     """Zoo summary, then built-in digits -> train a classifier -> validate -> predict."""
     from cnnkit.data.builtin import write_classification
-    from cnnkit.data.transforms import AugmentConfig
     from cnnkit.engine import TrainConfig
-    from cnnkit.workflows import classify
+    from cnnkit.workflows import classify, run
 
     root = Path(out)
     start = time.perf_counter()
@@ -55,16 +54,18 @@ def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
         write_classification(data, seed=0)
     print(f"data: {data} (ImageFolder layout, train/ and val/)")
     cfg = TrainConfig(epochs=8, batch=32, imgsz=32, lr=3e-3, workers=1)
-    result = classify.train(
+    result = run.train(
+        "classify",
         data,
         model="resnet18",
         model_args={"width": 0.25},
+        fliplr=0.0,
+        crop_fraction=1.0,
         cfg=cfg,
-        augment=AugmentConfig(hflip=0.0, crop_fraction=1.0),
         project=root,
         name="digits",
     )
-    metrics, _evaluator = classify.val(result.best, data / "val", workers=1)
+    metrics = run.val(result.best, data / "val", workers=1).metrics
     print(
         f"validation: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, "
         f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}"
@@ -95,7 +96,7 @@ def _localization(root: Path, classifier: Path) -> Path:
     """Built-in single-digit scenes -> a localizer whose backbone starts from the digit classifier."""
     from cnnkit.data.builtin import write_localization
     from cnnkit.engine import TrainConfig
-    from cnnkit.workflows import localize
+    from cnnkit.workflows import localize, run
 
     print(
         "\n== 4. Object localization: [p_c, b_x, b_y, b_h, b_w, c_1..c_10], backbone from step 2's classifier"
@@ -104,12 +105,12 @@ def _localization(root: Path, classifier: Path) -> Path:
     if not (data / "train.csv").is_file():
         write_localization(data, seed=0)
     cfg = TrainConfig(epochs=6, batch=32, imgsz=48, lr=3e-3, workers=1)
-    result = localize.train(
+    result = run.train(
         "localize",
         data,
         backbone="resnet18",
         backbone_args={"width": 0.25},
-        pretrained=classifier,
+        pretrained=str(classifier),
         cfg=cfg,
         project=root,
         name="digit-boxes",
@@ -129,17 +130,26 @@ def _detection(root: Path, classifier: Path) -> Path:
     """Built-in scenes of 1-3 digits -> a YOLO detector (backbone from the classifier) -> COCO mAP."""
     from cnnkit.data.builtin import write_detection
     from cnnkit.engine import TrainConfig
-    from cnnkit.workflows import detect
+    from cnnkit.workflows import detect, run
 
     print("\n== 5. Object detection: YOLO grids at strides 8 and 16, k-means anchors, NMS, COCO mAP")
     data = root / "digit-detect"
     if not (data / "data.yaml").is_file():
         write_detection(data, seed=0)
     print(f"data: {data} (ultralytics data.yaml + labels/, and the same boxes as COCO JSON)")
-    opts = detect.DetectOptions(backbone="resnet18", backbone_args={"width": 0.25}, strides=(8, 16))
     cfg = TrainConfig(epochs=20, batch=32, imgsz=96, lr=8e-3, optimizer="adamw", warmup_epochs=1, workers=1)
-    result = detect.train(data, opts=opts, pretrained=classifier, cfg=cfg, project=root, name="digit-detect")
-    metrics, _ = detect.val(result.best, data, workers=1)
+    result = run.train(
+        "detect",
+        data,
+        backbone="resnet18",
+        backbone_args={"width": 0.25},
+        strides=(8, 16),
+        pretrained=str(classifier),
+        cfg=cfg,
+        project=root,
+        name="digit-detect",
+    )
+    metrics = run.val(result.best, data, workers=1).metrics
     print(
         f"validation: mAP@0.5 {metrics['mAP50']:.3f}, mAP@[.5:.95] {metrics['mAP']:.3f}, "
         f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} (at the best F1)"
@@ -159,7 +169,7 @@ def _segmentation(root: Path) -> tuple[Path, Path]:
     """Built-in digit scenes -> train a small U-Net -> validate -> predict masks and overlays."""
     from cnnkit.data.builtin import write_segmentation
     from cnnkit.engine import TrainConfig
-    from cnnkit.workflows import segment
+    from cnnkit.workflows import run, segment
 
     print("\n== 3. Semantic segmentation with a U-Net (each digit's pixels labelled with its class)")
     data = root / "digit-scenes"
@@ -167,7 +177,8 @@ def _segmentation(root: Path) -> tuple[Path, Path]:
         write_segmentation(data, seed=0)
     print(f"data: {data} (images/ + masks/ with train/ and val/, index PNG masks, data.yaml)")
     cfg = TrainConfig(epochs=16, batch=16, imgsz=48, lr=5e-3, workers=1)
-    result = segment.train(
+    result = run.train(
+        "segment",
         data,
         model="unet_same",
         model_args={"base": 32, "depth": 3},
@@ -175,11 +186,11 @@ def _segmentation(root: Path) -> tuple[Path, Path]:
         project=root,
         name="digit-scenes",
     )
-    metrics, evaluator = segment.val(result.best, data, workers=1)
-    iou = evaluator.per_class()["iou"]
+    report = run.val(result.best, data, workers=1)
+    metrics, background = report.metrics, report.per_class[0]
     print(
         f"validation: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_acc']:.3f}, "
-        f"background IoU {iou[0]:.3f}"
+        f"{background['class']} IoU {background['iou']:.3f}"
     )
     out = result.run_dir / "predict"
     samples = sorted((data / "images" / "val").glob("*.png"))[:4]

@@ -7,33 +7,20 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from cnnkit.data.images import is_image, read_image, verify_image
+from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 
 log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Skipped:
-    """Files left out of a dataset, with the reason for each."""
-
-    items: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.items.append((str(path), reason))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def report(self) -> str:
-        return "\n".join(f"{p}: {r}" for p, r in self.items)
+Skipped = DataReport  # the name of the first release
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -111,7 +98,7 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         self.class_names = list(class_names)
         self.transform = transform
-        self.skipped = Skipped()
+        self.skipped = DataReport()
         good = []
         for path, label in samples:
             reason = verify_image(path) if verify else None

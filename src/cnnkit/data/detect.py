@@ -2,11 +2,11 @@
 labels), COCO instances JSON, and Pascal VOC XML.
 
 Every reader returns :class:`DetSample` s (image path, ``xyxy`` pixel boxes, class indices) and a
-:class:`DetReport` of what it fixed or left out: coordinates outside the image are clipped (counted
-per file), boxes with no area after clipping are dropped, and a malformed line, an unknown class or a
-missing image is reported with its file and line and the sample skipped (``strict=True`` raises at the
-first one instead). Images without boxes are kept as background samples. Paths inside annotation files
-resolve relative to that file.
+:class:`~cnnkit.data.report.DataReport` of what it fixed or left out: coordinates outside the image
+are clipped (counted per file), boxes with no area after clipping are dropped, and a malformed line,
+an unknown class or a missing image is reported with its file and line and the sample skipped
+(``strict=True`` raises at the first one instead). Images without boxes are kept as background
+samples. Paths inside annotation files resolve relative to that file.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from cnnkit.data.images import is_image
+from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
 
@@ -35,34 +35,7 @@ class DetSample:
     size: tuple[int, int]  # (height, width)
 
 
-@dataclass
-class DetReport:
-    """What a reader clipped, dropped and skipped; ``problems`` are ``"file:line: reason"`` strings."""
-
-    clipped: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)
-
-    def skipped(self) -> list[tuple[str, str]]:
-        """``(where, why)`` of every skipped sample."""
-        pairs = [p.split(": ", 1) for p in self.problems]
-        return [(p[0], p[1] if len(p) > 1 else "skipped") for p in pairs]
-
-    def summary(self) -> str:
-        parts = []
-        if self.clipped:
-            parts.append(f"{sum(self.clipped.values())} coordinates clipped in {len(self.clipped)} files")
-        if self.dropped:
-            parts.append(f"{sum(self.dropped.values())} empty boxes dropped in {len(self.dropped)} files")
-        if self.problems:
-            parts.append(f"{len(self.problems)} samples skipped")
-        return "; ".join(parts) or "no problems"
-
-
-def _problem(report: DetReport, message: str, strict: bool) -> None:
-    if strict:
-        raise DataError(message)
-    report.problems.append(message)
+DetReport = DataReport  # the name of the first release
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
@@ -74,7 +47,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _finish(
-    boxes: list[list[float]], labels: list[int], size: tuple[int, int], source: str, report: DetReport
+    boxes: list[list[float]], labels: list[int], size: tuple[int, int], source: str, report: DataReport
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip to the image and drop empty boxes, counting both per file."""
     h, w = size
@@ -122,7 +95,7 @@ def _label_path(image: Path) -> Path:
 
 def read_yolo(
     data_yaml: str | os.PathLike[str], split: str = "train", *, strict: bool = False
-) -> tuple[list[DetSample], list[str], DetReport]:
+) -> tuple[list[DetSample], list[str], DataReport]:
     """An ultralytics-style set: ``data.yaml`` with ``path``, ``train``/``val`` and ``names``; label files
     ``class cx cy w h`` (normalised) under the matching ``labels/`` folder. Segmentation-style lines
     (``class x1 y1 x2 y2 ...``, a polygon) count as the polygon's bounding box, as ultralytics does."""
@@ -133,12 +106,12 @@ def read_yolo(
     names = _names(cfg["names"])
     root = Path(str(cfg.get("path", "")))
     base = root if root.is_absolute() else (data_yaml.parent / root)
-    report = DetReport()
+    report = DataReport()
     samples = []
     for image in _yolo_images(cfg[split], base):
         size = _image_size(image)
         if size is None:
-            _problem(report, f"{image}: missing or unreadable image", strict)
+            report.problem(f"{image}: missing or unreadable image", strict)
             continue
         label_file = _label_path(image)
         boxes, labels, ok = [], [], True
@@ -162,8 +135,7 @@ def read_yolo(
                 else:
                     raise ValueError
             except ValueError:
-                _problem(
-                    report,
+                report.problem(
                     f"{label_file}:{lineno}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
                     f"got {line.strip()!r}",
                     strict,
@@ -171,8 +143,8 @@ def read_yolo(
                 ok = False
                 break
             if not 0 <= c < len(names):
-                _problem(
-                    report, f"{label_file}:{lineno}: class {c} is not among the {len(names)} names", strict
+                report.problem(
+                    f"{label_file}:{lineno}: class {c} is not among the {len(names)} names", strict
                 )
                 ok = False
                 break
@@ -187,7 +159,7 @@ def read_yolo(
 
 def read_coco(
     annotations: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *, strict: bool = False
-) -> tuple[list[DetSample], list[str], DetReport]:
+) -> tuple[list[DetSample], list[str], DataReport]:
     """COCO instances JSON. Categories become classes in id order; crowd annotations are left out.
 
     ``images`` is the image folder; by default ``file_name`` resolves against the JSON's folder, then
@@ -211,13 +183,13 @@ def read_coco(
     per_image: dict[int, list[dict[str, Any]]] = {}
     for ann in coco.get("annotations", []):
         per_image.setdefault(ann["image_id"], []).append(ann)
-    report = DetReport()
+    report = DataReport()
     samples = []
     for info in coco.get("images", []):
         image = next((r / info["file_name"] for r in roots if (r / info["file_name"]).is_file()), None)
         if image is None:
-            _problem(
-                report, f"{path}: image {info['file_name']} (id {info['id']}) not found in {roots}", strict
+            report.problem(
+                f"{path}: image {info['file_name']} (id {info['id']}) not found in {roots}", strict
             )
             continue
         boxes, labels = [], []
@@ -225,8 +197,7 @@ def read_coco(
             if ann.get("iscrowd", 0):
                 continue
             if ann["category_id"] not in index:
-                _problem(
-                    report,
+                report.problem(
                     f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}",
                     strict,
                 )
@@ -270,7 +241,7 @@ def read_voc(
     *,
     names: list[str] | None = None,
     strict: bool = False,
-) -> tuple[list[DetSample], list[str], DetReport]:
+) -> tuple[list[DetSample], list[str], DataReport]:
     """Pascal VOC: ``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt`` (else every XML).
 
     Classes default to VOC's 20 when every object name is one of them, else the sorted names found.
@@ -284,13 +255,13 @@ def read_voc(
         else [p.stem for p in sorted((root / "Annotations").glob("*.xml"))]
     )
     parsed = []
-    report = DetReport()
+    report = DataReport()
     for i in ids:
         xml = root / "Annotations" / f"{i}.xml"
         try:
             tree = ET.parse(xml).getroot()
         except (OSError, ET.ParseError) as exc:
-            _problem(report, f"{xml}: cannot parse ({exc})", strict)
+            report.problem(f"{xml}: cannot parse ({exc})", strict)
             continue
         objects = []
         for obj in tree.iter("object"):
@@ -298,7 +269,7 @@ def read_voc(
             try:
                 coords = [float(bb.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[union-attr]
             except (AttributeError, ValueError):
-                _problem(report, f"{xml}: object {obj.findtext('name')!r} has no valid bndbox", strict)
+                report.problem(f"{xml}: object {obj.findtext('name')!r} has no valid bndbox", strict)
                 continue
             objects.append((obj.findtext("name") or "", coords))
         parsed.append((xml, tree, objects))
@@ -311,12 +282,12 @@ def read_voc(
         image = root / "JPEGImages" / (tree.findtext("filename") or f"{xml.stem}.jpg")
         size = _image_size(image)
         if size is None:
-            _problem(report, f"{xml}: image {image.name} is missing or unreadable", strict)
+            report.problem(f"{xml}: image {image.name} is missing or unreadable", strict)
             continue
         boxes, labels = [], []
         for name, (x1, y1, x2, y2) in objects:
             if name not in index:
-                _problem(report, f"{xml}: class {name!r} is not among {names}", strict)
+                report.problem(f"{xml}: class {name!r} is not among {names}", strict)
                 continue
             boxes.append([x1 - 1, y1 - 1, x2, y2])
             labels.append(index[name])

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnkit.data.classify import split_dataset
-from cnnkit.data.detect import DetReport, DetSample, read_coco, read_voc, read_yolo
+from cnnkit.data.detect import DetSample, read_coco, read_voc, read_yolo
+from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
 
@@ -25,11 +26,11 @@ class BoxData:
     train: list[DetSample]
     val: list[DetSample]
     names: list[str]
-    report: DetReport
+    report: DataReport
     format: str
 
 
-Splits = tuple[list[DetSample], list[DetSample] | None, list[str], list[DetReport]]
+Splits = tuple[list[DetSample], list[DetSample] | None, list[str], list[DataReport]]
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,9 @@ def read_box_data(
         looked_for = "; ".join(f.description for f in _FORMATS)
         raise DataError(f"{data}: not a detection dataset (looked for {looked_for})")
     train, val_samples, names, reports = fmt.read(Path(data), None if val is None else Path(val), strict)
-    report = DetReport()
+    report = DataReport()
     for r in reports:
-        report.clipped.update(r.clipped)
-        report.dropped.update(r.dropped)
-        report.problems.extend(r.problems)
+        report.merge(r)
     if val_samples is None:
         tr, va = split_dataset(len(train), val_fraction, seed)
         train, val_samples = [train[i] for i in tr], [train[i] for i in va]

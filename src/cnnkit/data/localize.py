@@ -26,9 +26,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnnkit.data.detect import DetReport, DetSample
+from cnnkit.data.detect import DetSample
 from cnnkit.data.formats import read_box_data, sniff_box_format
 from cnnkit.data.images import is_image, read_image
+from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
@@ -125,19 +126,19 @@ def _is_coco(path: Path) -> bool:
 
 def read_localization(
     source: str | os.PathLike[str], *, val_fraction: float = 0.2, seed: int = 0, strict: bool = False
-) -> tuple[list[LocSample], list[LocSample] | None, list[str] | None, DetReport]:
+) -> tuple[list[LocSample], list[LocSample] | None, list[str] | None, DataReport]:
     """``(samples, val samples or None, class names or None, report)`` from a localization CSV or JSON,
     a folder with ``train.csv`` (+ ``val.csv``), or any box dataset format (YOLO, COCO, Pascal VOC; read
     by the detection readers, the largest box of each image)."""
     source = Path(source)
     if source.is_file() and source.suffix == ".csv":
-        return read_localization_csv(source), None, None, DetReport()
+        return read_localization_csv(source), None, None, DataReport()
     if source.is_file() and source.suffix == ".json" and not _is_coco(source):
-        return read_localization_json(source), None, None, DetReport()
+        return read_localization_json(source), None, None, DataReport()
     if source.is_dir() and (source / "train.csv").is_file():
         val = source / "val.csv"
         val_samples = read_localization_csv(val) if val.is_file() else None
-        return read_localization_csv(source / "train.csv"), val_samples, None, DetReport()
+        return read_localization_csv(source / "train.csv"), val_samples, None, DataReport()
     if sniff_box_format(source) is not None:
         boxes = read_box_data(source, val_fraction=val_fraction, seed=seed, strict=strict)
         train = largest_objects(boxes.train, boxes.names)

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnnkit.data.classify import Skipped, split_dataset
+from cnnkit.data.classify import split_dataset
 from cnnkit.data.images import is_image, read_image
+from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
@@ -51,21 +52,21 @@ class SegmentationSpec:
     names: list[str] | None = None
     ignore_index: int = 255
     palette: list[tuple[int, int, int]] | None = None  # colour of each class, for RGB masks
-    missing: list[tuple[str, str]] = field(default_factory=list)
+    report: DataReport = field(default_factory=DataReport)  # images without masks, unlisted ids
 
 
 def _find(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _pairs(image_dir: Path, mask_dir: Path, missing: list[tuple[str, str]]) -> list[tuple[Path, Path]]:
+def _pairs(image_dir: Path, mask_dir: Path, report: DataReport) -> list[tuple[Path, Path]]:
     masks = {p.stem: p for p in mask_dir.iterdir() if is_image(p)}
     pairs = []
     for img in sorted(p for p in image_dir.iterdir() if is_image(p)):
         if img.stem in masks:
             pairs.append((img, masks[img.stem]))
         else:
-            missing.append((str(img), f"no mask named {img.stem}.* in {mask_dir}"))
+            report.add(img, f"no mask named {img.stem}.* in {mask_dir}")
     return pairs
 
 
@@ -80,27 +81,29 @@ def resolve_segmentation_data(
     for name in ("data.yaml", "dataset.yaml"):
         if (root / name).is_file():
             config = load_yaml(root / name)
-    missing: list[tuple[str, str]] = []
+    report = DataReport()
     splits: dict[str, list[tuple[Path, Path]]] = {}
     image_dir, mask_dir = _find(root, IMAGE_DIRS), _find(root, MASK_DIRS)
     voc_sets = root / "ImageSets" / "Segmentation"
     if image_dir is not None and mask_dir is not None and voc_sets.is_dir():
-        every = {img.stem: (img, m) for img, m in _pairs(image_dir, mask_dir, [])}
+        every = {img.stem: (img, m) for img, m in _pairs(image_dir, mask_dir, DataReport())}
         for split, fname in (("train", "train.txt"), ("val", "val.txt")):
             if (voc_sets / fname).is_file():
                 ids = [
                     line.split()[0] for line in (voc_sets / fname).read_text().splitlines() if line.strip()
                 ]
                 splits[split] = [every[i] for i in ids if i in every]
-                missing += [(i, "listed in ImageSets but has no image/mask") for i in ids if i not in every]
+                for i in ids:
+                    if i not in every:
+                        report.add(i, "listed in ImageSets but has no image/mask")
     elif image_dir is not None and mask_dir is not None:
         if (image_dir / "train").is_dir():
-            splits["train"] = _pairs(image_dir / "train", mask_dir / "train", missing)
+            splits["train"] = _pairs(image_dir / "train", mask_dir / "train", report)
             val = _find(image_dir, VAL_NAMES)
             if val is not None:
-                splits["val"] = _pairs(val, mask_dir / val.name, missing)
+                splits["val"] = _pairs(val, mask_dir / val.name, report)
         else:
-            splits["all"] = _pairs(image_dir, mask_dir, missing)
+            splits["all"] = _pairs(image_dir, mask_dir, report)
     elif (root / "train").is_dir():
         for split in ("train", *VAL_NAMES):
             sdir = root / split
@@ -108,7 +111,7 @@ def resolve_segmentation_data(
                 imgs, msks = _find(sdir, IMAGE_DIRS), _find(sdir, MASK_DIRS)
                 if imgs is None or msks is None:
                     raise DataError(f"{sdir}: expected images/ and masks/ folders inside")
-                splits["train" if split == "train" else "val"] = _pairs(imgs, msks, missing)
+                splits["train" if split == "train" else "val"] = _pairs(imgs, msks, report)
     else:
         raise DataError(
             f"{root}: no segmentation layout found; expected images/ + masks/ (optionally with train/ and "
@@ -128,7 +131,7 @@ def resolve_segmentation_data(
         list(names) if names else None,
         int(config.get("ignore_index", 255)),
         [tuple(c) for c in palette] if palette else None,
-        missing,
+        report,
     )
 
 
@@ -202,7 +205,7 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.ignore_index = ignore_index
         self.palette = list(palette) if palette else None
         self.transform = transform
-        self.skipped = Skipped()
+        self.skipped = DataReport()
         good = []
         for img, mask in pairs:
             reason = self._check(img, mask)

@@ -88,6 +88,11 @@ def unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _tuples(value: Any) -> Any:
+    """Lists become tuples, all the way down (a tuple field's items are tuples too: anchors, pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping (command-line values, YAML, run metadata): unknown keys are
     refused with the list of known ones, and lists become tuples where the field is a tuple (JSON and
@@ -98,7 +103,7 @@ def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config
         raise CnnkitError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     clean = {
-        k: tuple(v) if isinstance(v, list) and typing.get_origin(unwrap_optional(hints[k])) is tuple else v
+        k: _tuples(v) if isinstance(v, list) and typing.get_origin(unwrap_optional(hints[k])) is tuple else v
         for k, v in values.items()
     }
     try:

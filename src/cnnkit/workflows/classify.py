@@ -1,12 +1,11 @@
-"""Classification verbs: ``train``, ``val``, ``predict``, with the transfer-learning recipe built in."""
+"""Classification: the task spec (class folders or a path,label CSV; transfer learning in two stages),
+and ``predict`` with the top classes drawn under each image."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,32 +16,18 @@ from torch import nn
 from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
 from cnnkit.data.images import iter_frames
-from cnnkit.data.transforms import (
-    AugmentConfig,
-    classify_eval_transform,
-    classify_train_transform,
-)
+from cnnkit.data.transforms import AugmentConfig, classify_eval_transform, classify_train_transform
 from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig, config_from_dict
+from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
-from cnnkit.engine.trainer import (
-    FitResult,
-    fit,
-    new_run_dir,
-    seed_everything,
-)
+from cnnkit.engine.trainer import FitResult, fit
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
+from cnnkit.tasks.base import Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
-from cnnkit.workflows.common import (
-    evaluate_dataset,
-    load_task_model,
-    rebuild_model,
-    record_skipped,
-    resume_point,
-)
-from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.common import load_task_model
+from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
 
 log = logging.getLogger("cnnkit")
 
@@ -50,8 +35,8 @@ VAL_DIR_NAMES = ("val", "valid", "validation", "test")
 
 
 @dataclass(frozen=True)
-class TransferConfig:
-    """The transfer-learning recipe: train the new head on a frozen base, then fine-tune the last blocks.
+class ClassifyOptions:
+    """Data, model, the transfer-learning recipe and augmentation of a classification run.
 
     ``freeze``: stage 1 trains only the head (plus ``trainable`` layers; with no ``fine_tune_epochs``,
     also the last ``unfreeze_last`` blocks). ``fine_tune_epochs`` > 0 adds stage 2: the last
@@ -59,11 +44,25 @@ class TransferConfig:
     base stays in inference mode throughout.
     """
 
-    freeze: bool = False
-    unfreeze_last: int = 0
-    trainable: tuple[str, ...] = ()
-    fine_tune_epochs: int = 0
-    fine_tune_lr_factor: float = 0.1
+    data: str | None = option(None, "train/ + val/ class folders, one class-folder root, or a path,label CSV")
+    val: str | None = option(None, "an explicit validation folder or CSV")
+    val_fraction: float = option(0.2, "seeded validation split when the data has none")
+    model: str = option("resnet18", "a registered model name (cnnkit models)")
+    model_args: dict[str, Any] | None = option(None, "JSON of builder arguments, e.g. '{\"width\": 0.5}'")
+    pretrained: str | None = option(None, "cnnkit/torchvision/timm weights, or 'torchvision' to download")
+    freeze: bool = option(False, "freeze the base (BatchNorm in inference mode)")
+    unfreeze_last: int = option(0, "base blocks (from the end) to train too")
+    trainable: tuple[str, ...] = option((), "base layers to train by name (e.g. stages.3)")
+    fine_tune_epochs: int = option(0, "stage 2 (fine-tuning the last blocks) after the frozen stage 1")
+    fine_tune_lr_factor: float = option(0.1, "stage 2 learning rate, as a fraction of --lr")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    fliplr: float = option(0.5, "horizontal flip probability")
+    crop_fraction: float = option(0.875, "evaluation: centre crop of the resized image")
+
+
+@dataclass(frozen=True)
+class ClassifyPredict:
+    topk: int = option(5, "classes shown per image")
 
 
 def resolve_splits(
@@ -109,193 +108,138 @@ def resolve_splits(
     return [data_samples[i] for i in train_idx], [data_samples[i] for i in val_idx], names
 
 
-def train(
-    data: str | os.PathLike[str],
-    *,
-    model: str | None = "resnet18",
-    val: str | os.PathLike[str] | None = None,
-    val_fraction: float = 0.2,
-    pretrained: str | os.PathLike[str] | None = None,
-    transfer: TransferConfig = TransferConfig(),
-    cfg: TrainConfig | None = None,
-    augment: AugmentConfig = AugmentConfig(),
-    label_smoothing: float = 0.0,
-    model_args: dict[str, Any] | None = None,
-    project: str | os.PathLike[str] = "runs",
-    name: str = "exp",
-    resume: str | os.PathLike[str] | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> FitResult:
-    """Train a classifier on a class-folder or CSV dataset; returns the run's result (weights, metrics).
+@register_task("classify")
+class Classify(TaskSpec):
+    help = "image classification (class folders or a path,label CSV)"
+    data_help = "class folders, a dataset root (its val split) or a CSV"
+    Options = ClassifyOptions
+    PredictOptions = ClassifyPredict
+    val_batch = 64
 
-    ``pretrained`` takes cnnkit, torchvision or timm weights: the old top is dropped and a new head is
-    built for the dataset's classes. ``resume`` (a run directory or its ``weights/last.pt``) continues a
-    stopped run with its saved configuration.
-    """
-    if resume is not None:
-        return _resume(resume)
-    cfg = cfg or TrainConfig()
-    train_samples, val_samples, class_names = resolve_splits(data, val, val_fraction, cfg.seed)
-    train_set = ClassificationDataset(
-        train_samples, class_names, classify_train_transform(cfg.imgsz, augment), source=f"{data} (train)"
-    )
-    val_set = ClassificationDataset(
-        val_samples,
-        class_names,
-        classify_eval_transform(cfg.imgsz, augment.crop_fraction),
-        source=f"{data} (val)",
-    )
-    args = dict(model_args or {})
-    seed_everything(cfg.seed)  # the new head's initialisation is part of the seeded run
-    net = create_model(model, num_classes=len(class_names), weights=pretrained, **args)
-    run_dir = new_run_dir(project, "classify", name)
-    record_skipped(run_dir, [*train_set.skipped.items, *val_set.skipped.items])
-    meta = RunRecord.new(
-        "classify",
-        net.cnnkit_config,  # type: ignore[arg-type]
-        cfg,
-        class_names=class_names,
-        data=str(data),
-        val=None if val is None else str(val),
-        val_fraction=val_fraction,
-        crop_fraction=augment.crop_fraction,
-        augment=dataclasses.asdict(augment),
-        label_smoothing=label_smoothing,
-        transfer=dataclasses.asdict(transfer),
-        pretrained=None if pretrained is None else str(pretrained),
-    ).to_metadata()
-    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, callbacks=callbacks)
+    def build_data(
+        self, opts: ClassifyOptions, cfg: TrainConfig, names: Sequence[str] | None = None
+    ) -> TaskData:
+        train, val, found = resolve_splits(opts.data or ".", opts.val, opts.val_fraction, cfg.seed)
+        augment = AugmentConfig(hflip=opts.fliplr, crop_fraction=opts.crop_fraction)
+        train_set = ClassificationDataset(
+            train, found, classify_train_transform(cfg.imgsz, augment), source=f"{opts.data} (train)"
+        )
+        val_set = ClassificationDataset(
+            val, found, classify_eval_transform(cfg.imgsz, opts.crop_fraction), source=f"{opts.data} (val)"
+        )
+        skipped = [*train_set.skipped.items, *val_set.skipped.items]
+        return TaskData(train_set, val_set, found, skipped, {"crop_fraction": opts.crop_fraction})
 
+    def build_model(self, opts: ClassifyOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
+        args = dict(opts.model_args or {})
+        return create_model(opts.model, num_classes=len(data.names or ()), weights=opts.pretrained, **args)
 
-def _fit_stages(
-    net: nn.Module,
-    train_set: ClassificationDataset,
-    val_set: ClassificationDataset,
-    cfg: TrainConfig,
-    run_dir: Path,
-    meta: dict[str, Any],
-    transfer: TransferConfig,
-    *,
-    start_stage: int = 1,
-    resume: Path | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> FitResult:
-    """Stage 1 (head, or the whole net without ``freeze``), then stage 2 (fine-tuning) when asked for."""
-    task = ClassificationTask(len(train_set.class_names), float(meta["label_smoothing"]))
-    two_stage = transfer.freeze and transfer.fine_tune_epochs > 0
-    if start_stage == 1:
-        if transfer.freeze:
-            frozen, kept = freeze_base(net, 0 if two_stage else transfer.unfreeze_last, transfer.trainable)
-            trainable, n_frozen = count_parameters(net)
-            log.info(
-                "stage 1: base frozen (%d blocks, BatchNorm in inference mode), training %s; "
-                "%s trainable, %s frozen parameters",
-                len(frozen),
-                ["head", *kept],
-                f"{trainable:,}",
-                f"{n_frozen:,}",
+    def objective(
+        self,
+        opts: ClassifyOptions,
+        data: TaskData,
+        model: nn.Module,
+        cfg: TrainConfig,
+        val_options: Any = None,
+    ) -> Task:
+        return ClassificationTask(len(data.names or ()), opts.label_smoothing)
+
+    def fit(
+        self,
+        task: Task,
+        model: nn.Module,
+        data: TaskData,
+        cfg: TrainConfig,
+        run_dir: Path,
+        metadata: dict[str, Any],
+        *,
+        opts: ClassifyOptions,
+        resume: Path | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> FitResult:
+        """Stage 1 (the head, or the whole net without ``freeze``), then stage 2 (fine-tuning the last
+        blocks at a lower learning rate, in ``run_dir/finetune``) when asked for."""
+        two_stage = opts.freeze and opts.fine_tune_epochs > 0
+        if int(metadata.get("stage", 1)) == 1:
+            if opts.freeze:
+                frozen, kept = freeze_base(model, 0 if two_stage else opts.unfreeze_last, opts.trainable)
+                _log_trainable(
+                    model, f"stage 1: base frozen ({len(frozen)} blocks), training {['head', *kept]}"
+                )
+            result = fit(
+                task,
+                model,
+                data.train,
+                data.val,
+                cfg,
+                run_dir,
+                resume=resume,
+                metadata=metadata,
+                callbacks=callbacks,
             )
-        result = fit(
-            task, net, train_set, val_set, cfg, run_dir, resume=resume, metadata=meta, callbacks=callbacks
+            if not two_stage:
+                return result
+            resume = None
+        freeze_base(model, opts.unfreeze_last, opts.trainable)
+        _log_trainable(
+            model,
+            f"stage 2: fine-tuning the last {opts.unfreeze_last} blocks at {opts.fine_tune_lr_factor:g}x lr",
         )
-        if not two_stage:
-            return result
-        resume = None
-    freeze_base(net, transfer.unfreeze_last, transfer.trainable)
-    trainable, n_frozen = count_parameters(net)
+        stage2 = cfg.replace(epochs=opts.fine_tune_epochs, lr=cfg.lr * opts.fine_tune_lr_factor)
+        return fit(
+            task,
+            model,
+            data.train,
+            data.val,
+            stage2,
+            run_dir / "finetune",
+            resume=resume,
+            metadata={**metadata, "stage": 2},
+            callbacks=callbacks,
+        )
+
+    def val_data(
+        self, opts: ClassifyOptions, cfg: TrainConfig, names: Sequence[str] | None, given: bool
+    ) -> TaskData:
+        """Without ``given`` data, the training run's validation split (the same seeded split); with it,
+        every image of that folder or CSV (a dataset root: its validation split), its classes matched to
+        the model's by name."""
+        if not given:
+            return self.build_data(opts, cfg, names)
+        transform = classify_eval_transform(cfg.imgsz, opts.crop_fraction)
+        data = Path(opts.data or ".")
+        if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
+            split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)
+            if split is None:
+                raise DataError(f"{data}: has train/ but no {'/'.join(VAL_DIR_NAMES)} folder to validate on")
+            data = split
+        if data.is_file():
+            dataset = ClassificationDataset.from_csv(data, transform, names)
+        else:
+            dataset = ClassificationDataset.from_folder(data, transform, names)
+        return TaskData(None, dataset, list(names or dataset.class_names))
+
+    def val_report(self, evaluator: ClassificationEvaluator, names: Sequence[str] | None) -> ValReport:
+        return ValReport({}, evaluator.per_class(list(names) if names else None))
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        topk = (options or ClassifyPredict()).topk
+        for p in predict(weights, sources, topk=topk, out=out, **kw):
+            top = [{"class": c, "prob": round(v, 4)} for c, v in p.topk]
+            text = ", ".join(f"{c} {v:.3f}" for c, v in p.topk)
+            yield PredictRecord({"path": p.path, "topk": top, "drawn": p.drawn}, f"{p.path}: {text}")
+
+
+def _log_trainable(model: nn.Module, what: str) -> None:
+    trainable, frozen = count_parameters(model)
     log.info(
-        "stage 2: fine-tuning the last %d blocks at %gx the learning rate; %s trainable, %s frozen",
-        transfer.unfreeze_last,
-        transfer.fine_tune_lr_factor,
+        "%s; %s trainable, %s frozen parameters (frozen BatchNorm in inference mode)",
+        what,
         f"{trainable:,}",
-        f"{n_frozen:,}",
+        f"{frozen:,}",
     )
-    stage2 = cfg.replace(epochs=transfer.fine_tune_epochs, lr=cfg.lr * transfer.fine_tune_lr_factor)
-    return fit(
-        task,
-        net,
-        train_set,
-        val_set,
-        stage2,
-        run_dir / "finetune",
-        resume=resume,
-        metadata={**meta, "stage": 2},
-        callbacks=callbacks,
-    )
-
-
-def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    """Rebuild a run from its ``last.pt`` (model, data, configuration) and continue it."""
-    last, meta, cfg = resume_point(resume)
-    stage = int(meta["stage"])
-    run_dir = last.parent.parent if stage == 1 else last.parent.parent.parent
-    augment = config_from_dict(AugmentConfig, meta["augment"], str(last))
-    train_samples, val_samples, class_names = resolve_splits(
-        meta["data"], meta["val"], meta["val_fraction"], cfg.seed
-    )
-    if class_names != meta["class_names"]:
-        raise DataError(
-            f"{meta['data']}: the classes changed since the run started (were {meta['class_names']})"
-        )
-    train_set = ClassificationDataset(
-        train_samples, class_names, classify_train_transform(cfg.imgsz, augment)
-    )
-    val_set = ClassificationDataset(
-        val_samples, class_names, classify_eval_transform(cfg.imgsz, augment.crop_fraction)
-    )
-    net = rebuild_model(meta)
-    transfer = config_from_dict(TransferConfig, meta["transfer"], str(last))
-    return _fit_stages(net, train_set, val_set, cfg, run_dir, meta, transfer, start_stage=stage, resume=last)
-
-
-def load_classifier(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """A trained classifier and its metadata (class names, input size, normalisation)."""
-    return load_task_model(weights, "classify")
-
-
-def val(
-    weights: str | os.PathLike[str],
-    data: str | os.PathLike[str] | None = None,
-    *,
-    batch: int = 64,
-    imgsz: int | None = None,
-    device: str = "auto",
-    workers: int = 2,
-    fast: bool = True,
-) -> tuple[dict[str, float], ClassificationEvaluator]:
-    """Evaluate a trained classifier on a class-folder or CSV dataset (classes matched by name); without
-    ``data``, on the validation split of the training data (the same seeded split)."""
-    model, meta = load_classifier(weights)
-    size = imgsz or int(meta.get("imgsz", 224))
-    transform = classify_eval_transform(size, float(meta.get("crop_fraction", 0.875)))
-    dataset = _val_dataset(weights, meta, data, transform)
-    task = ClassificationTask(len(dataset.class_names))
-    return evaluate_dataset(task, model, dataset, batch=batch, device=device, workers=workers, fast=fast)
-
-
-def _val_dataset(
-    weights: str | os.PathLike[str], meta: dict[str, Any], data: str | os.PathLike[str] | None, transform: Any
-) -> ClassificationDataset:
-    """``data`` (class folders, a dataset root's validation split, or a CSV), or without it the training
-    data's validation split (the same seeded split); classes matched by name."""
-    names = meta.get("class_names")
-    if data is None:
-        if "data" not in meta:
-            raise DataError(f"{weights} does not record its training data; pass --data")
-        seed = int(meta.get("train_config", {}).get("seed", 0))
-        _, val_samples, _ = resolve_splits(meta["data"], meta.get("val"), meta.get("val_fraction", 0.2), seed)
-        return ClassificationDataset(
-            val_samples, meta["class_names"], transform, source=f"{meta['data']} (val)"
-        )
-    data = Path(data)
-    if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
-        split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)
-        if split is None:
-            raise DataError(f"{data}: has train/ but no {'/'.join(VAL_DIR_NAMES)} folder to validate on")
-        data = split
-    if data.is_file():
-        return ClassificationDataset.from_csv(data, transform, names)
-    return ClassificationDataset.from_folder(data, transform, names)
 
 
 @dataclass(frozen=True)
@@ -322,7 +266,7 @@ def predict(
 
     Unreadable images are reported in the log and skipped.
     """
-    model, meta = load_classifier(weights)
+    model, meta = load_task_model(weights, "classify")
     prepared = prepare(model, select_device(device), fast)
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
@@ -368,9 +312,3 @@ def draw_topk(image: torch.Tensor, topk: Sequence[tuple[str, float]], path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, quality=92)
     return path
-
-
-def predictions_to_json(preds: Iterable[Prediction]) -> str:
-    return json.dumps(
-        [{"path": p.path, "topk": [{"class": c, "prob": v} for c, v in p.topk]} for p in preds], indent=2
-    )

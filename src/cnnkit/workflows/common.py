@@ -39,6 +39,11 @@ def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Modu
     return create_model(None, weights=weights).eval(), meta
 
 
+def names_of(weights: str | os.PathLike[str]) -> list[str] | None:
+    """The class names a weights file records, if any."""
+    return read_metadata(weights).get("class_names")
+
+
 def resume_point(resume: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], TrainConfig]:
     """``(last.pt path, run metadata, training config)`` of a run directory or its ``weights/last.pt``."""
     path = Path(resume)

@@ -1,6 +1,7 @@
-"""Detection verbs: ``train``, ``val``, ``predict`` (drawn boxes, COCO-style JSON) and ``anchors``.
+"""Detection: the task spec (any registered detector; YOLO by default), ``predict`` (drawn boxes,
+COCO-style JSON) and ``anchors``.
 
-Data: an ultralytics ``data.yaml`` (or a folder holding one), a COCO instances JSON (``--val`` names the
+Data: an ultralytics ``data.yaml`` (or a folder holding one), a COCO instances JSON (``val`` names the
 validation JSON; a folder with ``annotations/instances_{train,val}*.json`` works too), or a Pascal VOC
 root (``ImageSets/Main/{train,val}.txt``). Without a validation split a seeded fraction is held out.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,44 +24,155 @@ from cnnkit.data.detect import DetSample
 from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
 from cnnkit.data.formats import BoxData, read_box_data
 from cnnkit.data.images import iter_frames
-from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig, config_from_dict
+from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
-from cnnkit.engine.trainer import FitResult, fit, new_run_dir, seed_everything
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.models.yolo import Neck
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
+from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
-from cnnkit.workflows.common import (
-    evaluate_dataset,
-    load_task_model,
-    rebuild_model,
-    record_skipped,
-    resume_point,
-)
-from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.common import load_task_model
+from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
 
 log = logging.getLogger("cnnkit")
 
 
+def _anchors_arg(text: str) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """``"10,13 16,30 33,23; 30,61 62,45 59,119"`` (scales separated by ``;``) -> nested tuples."""
+    levels = []
+    for level in text.split(";"):
+        pairs = []
+        for pair in level.split():
+            w, h = (float(v) for v in pair.split(","))
+            pairs.append((w, h))
+        levels.append(tuple(pairs))
+    return tuple(levels)
+
+
 @dataclass(frozen=True)
 class DetectOptions:
-    """Model and loss options of a detection run (the engine's are in :class:`TrainConfig`)."""
+    data: str | None = option(None, "a YOLO data.yaml (or its folder), a COCO instances JSON, or a VOC root")
+    val: str | None = option(None, "COCO: the validation JSON")
+    val_fraction: float = option(0.2, "seeded validation split when the data has none")
+    model: str = option("yolo", "a registered detector (cnnkit models)")
+    backbone: str = option("resnet18", "a zoo classifier as the backbone (cnnkit models)")
+    backbone_args: dict[str, Any] | None = option(
+        None, "JSON of backbone arguments, e.g. '{\"width\": 0.25}'"
+    )
+    pretrained: str | None = option(
+        None, "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
+    )
+    strides: tuple[int, ...] = option((8, 16, 32), "backbone strides to detect at")
+    anchors: tuple[tuple[tuple[float, float], ...], ...] | None = option(
+        None,
+        "'w,h w,h ...; w,h ...' per scale in input pixels (default: k-means on the data)",
+        parse=_anchors_arg,
+    )
+    anchors_per_scale: int = option(3, "anchors fitted per scale")
+    neck: Neck = option("pan", "feature pyramid between backbone and heads")
+    neck_channels: int | None = option(None, "neck width (default: from the backbone)")
+    box_loss: BoxLoss = option("ciou", "box regression loss")
+    anchor_iou: float = option(0.5, "an anchor overlapping a box by more is not penalised as background")
+    noobj_weight: float = option(0.5, "weight of the background objectness loss")
+    scale: tuple[float, float] = option((0.6, 1.4), "random zoom range")
+    translate: float = option(0.1, "random shift, fraction of the input size")
+    fliplr: float = option(0.5, "horizontal flip probability")
+    jitter: float = option(0.3, "colour jitter strength")
+    mosaic: float = option(0.0, "probability of a 4-image mosaic")
+    strict: bool = option(False, "stop at the first bad annotation instead of skipping the sample")
 
-    model: str = "yolo"  # a registered detector taking a backbone, strides and anchors
-    backbone: str = "resnet18"
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    strides: tuple[int, ...] = (8, 16, 32)
-    anchors_per_scale: int = 3
-    anchors: tuple[tuple[tuple[float, float], ...], ...] | None = None  # None: k-means on the data
-    neck: Neck = "pan"
-    neck_channels: int | None = None
-    box_loss: BoxLoss = "ciou"
-    anchor_iou: float = 0.5
-    noobj_weight: float = 0.5
-    augment: DetAugment = field(default_factory=DetAugment)
-    strict: bool = False  # stop at the first bad annotation instead of skipping the sample
+
+@dataclass(frozen=True)
+class DetectVal:
+    val: str | None = option(None, "COCO: the validation JSON")
+    conf: float = option(0.001, "score threshold")
+    iou: float = option(0.6, "NMS IoU threshold")
+
+
+@dataclass(frozen=True)
+class DetectPredict:
+    conf: float = option(0.25, "score threshold")
+    iou: float = option(0.45, "NMS IoU threshold")
+    max_det: int = option(300, "boxes kept per image")
+    agnostic: bool = option(False, "class-agnostic NMS")
+
+
+@register_task("detect")
+class Detect(TaskSpec):
+    help = "object detection (YOLO data.yaml, COCO JSON, Pascal VOC)"
+    data_help = "default: the training data (its validation split)"
+    Options = DetectOptions
+    ValOptions = DetectVal
+    PredictOptions = DetectPredict
+    val_batch = 16
+
+    def build_data(
+        self, opts: DetectOptions, cfg: TrainConfig, names: Sequence[str] | None = None
+    ) -> TaskData:
+        check_imgsz(cfg.imgsz, max(opts.strides))
+        ds = read_box_data(
+            opts.data or ".", val=opts.val, val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
+        )
+        _report_data(ds, str(opts.data))
+        augment = DetAugment(
+            scale=opts.scale,
+            translate=opts.translate,
+            hflip=opts.fliplr,
+            jitter=opts.jitter,
+            mosaic=opts.mosaic,
+        )
+        train_set = DetectionDataset(ds.train, cfg.imgsz, True, augment)
+        val_set = DetectionDataset(ds.val, cfg.imgsz, False)
+        return TaskData(
+            train_set, val_set, list(ds.names), ds.report.skipped(), collate_fn=collate, source=ds
+        )
+
+    def build_model(self, opts: DetectOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
+        """``opts.model`` on ``opts.backbone`` (initialised from ``opts.pretrained``), with anchors fitted
+        to the training boxes unless given."""
+        return create_model(
+            opts.model,
+            num_classes=len(data.names or ()),
+            backbone=opts.backbone,
+            backbone_args=dict(opts.backbone_args or {}),
+            backbone_weights=opts.pretrained,
+            strides=opts.strides,
+            anchors=_anchors_for(data.source, opts, cfg.imgsz, cfg.seed),
+            neck=opts.neck,
+            neck_channels=opts.neck_channels,
+        )
+
+    def objective(
+        self, opts: DetectOptions, data: TaskData, model: nn.Module, cfg: TrainConfig, val_options: Any = None
+    ) -> Task:
+        thresholds = (
+            {} if val_options is None else {"eval_conf": val_options.conf, "eval_iou": val_options.iou}
+        )
+        return _task(model, data.names or [], opts, **thresholds)
+
+    def val_report(self, evaluator: DetectionEvaluator, names: Sequence[str] | None) -> ValReport:
+        coco = evaluator.result.stats if evaluator.result else {}
+        return ValReport({}, evaluator.per_class(list(names) if names else None), {"coco": coco})
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        o = options or DetectPredict()
+        preds = predict(
+            weights, sources, out=out, conf=o.conf, iou=o.iou, max_det=o.max_det, agnostic=o.agnostic, **kw
+        )
+        for p in preds:
+            found = ", ".join(
+                f"{lab} {s:.2f} {[round(v, 1) for v in b]}" for b, s, lab in zip(p.boxes, p.scores, p.labels)
+            )
+            drawn = f" -> {p.drawn}" if p.drawn else ""
+            text = f"{p.path}: {len(p.boxes)} objects{': ' + found if found else ''}{drawn}"
+            yield PredictRecord({"path": p.path, "results": coco_results([p]), "drawn": p.drawn}, text)
+
+    def predictions_json(self, records: list[PredictRecord]) -> Any:
+        """COCO's results format: one entry per box, every image's boxes in one list."""
+        return [box for r in records for box in r.data["results"]]
 
 
 DetectionData = BoxData
@@ -96,7 +208,10 @@ def _anchors_for(data: DetectionData, opts: DetectOptions, imgsz: int, seed: int
     return [a[i * per : (i + 1) * per] for i in range(levels)]
 
 
-def _task(model: nn.Module, names: Sequence[str], opts: DetectOptions, **eval_args: float) -> DetectionTask:
+def _task(
+    model: nn.Module, names: Sequence[str], opts: DetectOptions | None = None, **eval_args: float
+) -> DetectionTask:
+    opts = opts or DetectOptions()
     return DetectionTask(
         len(names),
         model.anchors,  # type: ignore[arg-type]
@@ -106,12 +221,6 @@ def _task(model: nn.Module, names: Sequence[str], opts: DetectOptions, **eval_ar
         noobj_weight=opts.noobj_weight,
         **eval_args,
     )
-
-
-def _datasets(
-    data: DetectionData, imgsz: int, opts: DetectOptions
-) -> tuple[DetectionDataset, DetectionDataset]:
-    return DetectionDataset(data.train, imgsz, True, opts.augment), DetectionDataset(data.val, imgsz, False)
 
 
 def _report_data(data: DetectionData, source: str) -> None:
@@ -127,128 +236,6 @@ def _report_data(data: DetectionData, source: str) -> None:
         log.warning("%s", line)
     if len(data.report.problems) > 20:
         log.warning("... and %d more problems (see skipped.txt)", len(data.report.problems) - 20)
-
-
-def train(
-    data: str | os.PathLike[str],
-    *,
-    val: str | os.PathLike[str] | None = None,
-    opts: DetectOptions = DetectOptions(),
-    pretrained: str | os.PathLike[str] | None = None,
-    cfg: TrainConfig | None = None,
-    val_fraction: float = 0.2,
-    project: str | os.PathLike[str] = "runs",
-    name: str = "exp",
-    resume: str | os.PathLike[str] | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> FitResult:
-    """Train a detector (``opts.model``, YOLO by default) on ``data``; ``pretrained`` initialises the
-    backbone (a classifier's weights, its head dropped). Anchors are fitted to the data unless
-    ``opts.anchors`` gives them."""
-    if resume is not None:
-        return _resume(resume)
-    cfg = cfg or TrainConfig()
-    check_imgsz(cfg.imgsz, max(opts.strides))
-    seed_everything(cfg.seed)
-    ds = read_detection_data(data, val=val, val_fraction=val_fraction, seed=cfg.seed, strict=opts.strict)
-    _report_data(ds, str(data))
-    net = create_model(
-        opts.model,
-        num_classes=len(ds.names),
-        backbone=opts.backbone,
-        backbone_args=opts.backbone_args,
-        backbone_weights=None if pretrained is None else str(pretrained),
-        strides=opts.strides,
-        anchors=_anchors_for(ds, opts, cfg.imgsz, cfg.seed),
-        neck=opts.neck,
-        neck_channels=opts.neck_channels,
-    )
-    config: dict[str, Any] = net.cnnkit_config  # type: ignore[assignment]
-    config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
-    train_set, val_set = _datasets(ds, cfg.imgsz, opts)
-    run_dir = new_run_dir(project, "detect", name)
-    record_skipped(run_dir, ds.report.skipped())
-    meta = RunRecord.new(
-        "detect",
-        config,
-        cfg,
-        class_names=ds.names,
-        data=str(data),
-        val=None if val is None else str(val),
-        val_fraction=val_fraction,
-        options=_options_dict(opts),
-    ).to_metadata()
-    task = _task(net, ds.names, opts)
-    return fit(
-        task, net, train_set, val_set, cfg, run_dir, metadata=meta, collate_fn=collate, callbacks=callbacks
-    )
-
-
-def _options_dict(opts: DetectOptions) -> dict[str, Any]:
-    d = {k: v for k, v in opts.__dict__.items() if k != "augment"}
-    d["augment"] = dict(opts.augment.__dict__)
-    return d
-
-
-def _options(d: dict[str, Any]) -> DetectOptions:
-    anchors = d["anchors"]
-    anchors_t = tuple(tuple(tuple(a) for a in level) for level in anchors) if anchors else None
-    augment = config_from_dict(DetAugment, d["augment"], "options.augment")
-    return config_from_dict(DetectOptions, {**d, "anchors": anchors_t, "augment": augment}, "options")
-
-
-def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    last, meta, cfg = resume_point(resume)
-    opts = _options(meta["options"])
-    ds = read_detection_data(
-        meta["data"],
-        val=meta.get("val"),
-        val_fraction=meta["val_fraction"],
-        seed=cfg.seed,
-        strict=opts.strict,
-    )
-    net = rebuild_model(meta)
-    train_set, val_set = _datasets(ds, cfg.imgsz, opts)
-    task = _task(net, meta["class_names"], opts)
-    return fit(
-        task, net, train_set, val_set, cfg, last.parent.parent, resume=last, metadata=meta, collate_fn=collate
-    )
-
-
-def load_detector(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    return load_task_model(weights, "detect")
-
-
-def val(
-    weights: str | os.PathLike[str],
-    data: str | os.PathLike[str] | None = None,
-    *,
-    val_data: str | os.PathLike[str] | None = None,
-    batch: int = 16,
-    imgsz: int | None = None,
-    device: str = "auto",
-    workers: int = 2,
-    conf: float = 0.001,
-    iou: float = 0.6,
-    fast: bool = True,
-) -> tuple[dict[str, float], DetectionEvaluator]:
-    """COCO metrics on the validation split of ``data`` (default: the training data's)."""
-    model, meta = load_detector(weights)
-    opts = _options(meta["options"])
-    source = data or meta["data"]
-    seed = int(meta["train_config"]["seed"])
-    ds = read_detection_data(
-        source,
-        val=val_data or (meta.get("val") if data is None else None),
-        val_fraction=meta["val_fraction"],
-        seed=seed,
-    )
-    _report_data(ds, str(source))
-    val_set = DetectionDataset(ds.val, imgsz or int(meta["imgsz"]), False)
-    task = _task(model, meta["class_names"], opts, eval_conf=conf, eval_iou=iou)
-    return evaluate_dataset(
-        task, model, val_set, batch=batch, device=device, workers=workers, fast=fast, collate_fn=collate
-    )
 
 
 @dataclass(frozen=True)
@@ -276,10 +263,9 @@ def predict(
 ) -> Iterator[DetPrediction]:
     """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
     written there with its boxes, classes and scores drawn."""
-    model, meta = load_detector(weights)
-    opts = _options(meta["options"])
+    model, meta = load_task_model(weights, "detect")
     names = list(meta["class_names"])
-    task = _task(model, names, opts)
+    task = _task(model, names)
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
@@ -311,8 +297,18 @@ def predict(
 
 
 def _colour(k: int) -> tuple[int, int, int]:
-    palette = ((255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23), (255, 178, 29),
-               (132, 56, 255), (0, 212, 187), (255, 55, 199), (61, 219, 134))  # fmt: skip
+    palette = (
+        (255, 56, 56),
+        (72, 249, 10),
+        (0, 194, 255),
+        (255, 157, 151),
+        (146, 204, 23),
+        (255, 178, 29),
+        (132, 56, 255),
+        (0, 212, 187),
+        (255, 55, 199),
+        (61, 219, 134),
+    )
     return palette[k % len(palette)]
 
 
@@ -357,5 +353,5 @@ def anchors(
     data: str | os.PathLike[str], k: int = 9, *, imgsz: int = 640, seed: int = 0, val_fraction: float = 0.2
 ) -> AnchorFit:
     """k-means anchors (distance 1 - IoU) of a dataset's training boxes, letterboxed to ``imgsz``."""
-    ds = read_detection_data(data, val_fraction=val_fraction, seed=seed)
+    ds = read_box_data(data, val_fraction=val_fraction, seed=seed)
     return fit_anchors(ds.train, imgsz, k, seed)

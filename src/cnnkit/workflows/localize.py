@@ -1,4 +1,5 @@
-"""Localization and landmark verbs: ``train``, ``val``, ``predict`` (with drawn boxes and points)."""
+"""One object per image: localization (class + box, or none) and landmarks (K points): the two task
+specs, which share a backbone-plus-head model, and ``predict`` (with drawn boxes and points)."""
 
 from __future__ import annotations
 
@@ -16,29 +17,179 @@ from torch import nn
 from cnnkit.api import create_model
 from cnnkit.data.classify import split_dataset
 from cnnkit.data.images import iter_frames
-from cnnkit.data.localize import (
-    LandmarkDataset,
-    LocalizationDataset,
-    read_landmarks,
-    read_localization,
-)
-from cnnkit.engine.callbacks import Callback
+from cnnkit.data.localize import LandmarkDataset, LocalizationDataset, read_landmarks, read_localization
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
-from cnnkit.engine.trainer import (
-    FitResult,
-    fit,
-    new_run_dir,
-    seed_everything,
-)
-from cnnkit.errors import CnnkitError, DataError
+from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.ops.boxes import clip
+from cnnkit.tasks.base import Task
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
-from cnnkit.workflows.common import evaluate_dataset, load_task_model, preprocess, rebuild_model, resume_point
-from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.common import load_task_model, preprocess
+from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, option, register_task
 
 log = logging.getLogger("cnnkit")
+
+VAL_FRACTION = "seeded validation split when the data has none"
+PRETRAINED_BACKBONE = "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
+BACKBONE = "a zoo classifier as the backbone (cnnkit models)"
+BACKBONE_ARGS = "JSON of backbone arguments, e.g. '{\"width\": 0.25}'"
+
+
+def _pairs(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+@dataclass(frozen=True)
+class LocalizeOptions:
+    data: str | None = option(
+        None, "a localization CSV/JSON, a folder with train.csv (+ val.csv), or YOLO/COCO/VOC"
+    )
+    val_fraction: float = option(0.2, VAL_FRACTION)
+    backbone: str = option("resnet18", BACKBONE)
+    backbone_args: dict[str, Any] | None = option(None, BACKBONE_ARGS)
+    pretrained: str | None = option(None, PRETRAINED_BACKBONE)
+    strict: bool = option(False, "box datasets: stop at the first bad annotation")
+
+
+@dataclass(frozen=True)
+class LandmarkOptions:
+    data: str | None = option(None, "a landmark CSV/JSON, or a folder with train.csv (+ val.csv)")
+    val_fraction: float = option(0.2, VAL_FRACTION)
+    backbone: str = option("resnet18", BACKBONE)
+    backbone_args: dict[str, Any] | None = option(None, BACKBONE_ARGS)
+    pretrained: str | None = option(None, PRETRAINED_BACKBONE)
+    loss: LandmarkLoss = option("smooth_l1", "point regression loss")
+    flip_pairs: tuple[tuple[int, ...], ...] | None = option(
+        None,
+        "index pairs swapped by a horizontal flip, e.g. 1,3 36,45",
+        parse=_pairs,
+        metavar="I,J",
+        nargs="+",
+    )
+    norm_points: tuple[int, int] | None = option(
+        None, "the two points whose distance normalises NME (e.g. outer eye corners 36 45)"
+    )
+
+
+@dataclass(frozen=True)
+class LocalizePredict:
+    conf: float = option(0.5, "objectness threshold")
+
+
+class _OneObject(TaskSpec):
+    """A zoo backbone and one head per image, trained from ``opts.pretrained`` when given."""
+
+    data_help = "default: the training data (its validation split)"
+    head: str  # the registered model
+
+    def head_args(self, data: TaskData) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def build_model(self, opts: Any, data: TaskData, cfg: TrainConfig) -> nn.Module:
+        return create_model(
+            self.head,
+            backbone=opts.backbone,
+            backbone_args=opts.backbone_args,
+            backbone_weights=opts.pretrained,
+            **self.head_args(data),
+        )
+
+
+@register_task("localize")
+class Localize(_OneObject):
+    help = "one main object per image: class + box (or none)"
+    Options = LocalizeOptions
+    PredictOptions = LocalizePredict
+    head = "localizer"
+
+    def build_data(
+        self, opts: LocalizeOptions, cfg: TrainConfig, names: Sequence[str] | None = None
+    ) -> TaskData:
+        train, val, found, report = read_localization(
+            opts.data or ".", val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
+        )
+        for line in report.problems[:20]:
+            log.warning("%s", line)
+        train, val = _split(train, val, opts.val_fraction, cfg.seed)
+        names = list(names or found or sorted({s.label for s in train if s.label is not None}))
+        if not names:
+            raise DataError(f"{opts.data}: no image has an object; a localizer needs at least one class")
+        sets = (
+            LocalizationDataset(train, names, cfg.imgsz, True),
+            LocalizationDataset(val, names, cfg.imgsz, False),
+        )
+        return TaskData(*sets, names, report.skipped())
+
+    def head_args(self, data: TaskData) -> dict[str, Any]:
+        return {"num_classes": len(data.names or ())}
+
+    def objective(
+        self,
+        opts: LocalizeOptions,
+        data: TaskData,
+        model: nn.Module,
+        cfg: TrainConfig,
+        val_options: Any = None,
+    ) -> Task:
+        return LocalizationTask(len(data.names or ()))
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        conf = (options or LocalizePredict()).conf
+        for p in predict(weights, "localize", sources, out=out, threshold=conf, **kw):
+            box = None if p.box is None else [round(v, 2) for v in p.box]
+            data = {"path": p.path, "object_prob": round(p.object_prob, 4), "class": p.label,
+                    "class_prob": round(p.class_prob, 4), "box": box, "drawn": p.drawn}  # fmt: skip
+            what = f"{p.label} {p.class_prob:.2f} box {box}" if box else f"no object ({p.object_prob:.2f})"
+            yield PredictRecord(data, f"{p.path}: {what}")
+
+
+@register_task("landmarks")
+class Landmarks(_OneObject):
+    help = "K points per image"
+    Options = LandmarkOptions
+    head = "landmarker"
+
+    def build_data(
+        self, opts: LandmarkOptions, cfg: TrainConfig, names: Sequence[str] | None = None
+    ) -> TaskData:
+        """Points and their file's options; flip pairs and the NME pair from ``opts`` or else the file."""
+        train, val, found = read_landmarks(opts.data or ".")
+        train, val = _split(train, val, opts.val_fraction, cfg.seed)
+        pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
+        norm = opts.norm_points or found.get("norm_points")
+        train_set = LandmarkDataset(train, cfg.imgsz, True, pairs)
+        record = {
+            "flip_pairs": [list(p) for p in pairs],
+            "norm_points": norm,
+            "num_points": train_set.num_points,
+        }
+        return TaskData(train_set, LandmarkDataset(val, cfg.imgsz, False, pairs), None, record=record)
+
+    def head_args(self, data: TaskData) -> dict[str, Any]:
+        return {"num_points": data.record["num_points"]}
+
+    def objective(
+        self,
+        opts: LandmarkOptions,
+        data: TaskData,
+        model: nn.Module,
+        cfg: TrainConfig,
+        val_options: Any = None,
+    ) -> Task:
+        norm = data.record["norm_points"]
+        return LandmarkTask(data.record["num_points"], opts.loss, cfg.imgsz, tuple(norm) if norm else None)
+
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        for p in predict(weights, "landmarks", sources, out=out, **kw):
+            points = [[round(x, 2), round(y, 2)] for x, y in p.points or []]
+            yield PredictRecord(
+                {"path": p.path, "points": points, "drawn": p.drawn}, f"{p.path}: points {points}"
+            )
 
 
 def _split(
@@ -48,149 +199,6 @@ def _split(
         return train, val
     tr, va = split_dataset(len(train), fraction, seed)
     return [train[i] for i in tr], [train[i] for i in va]
-
-
-def _localization_sets(
-    data: str | os.PathLike[str],
-    imgsz: int,
-    fraction: float,
-    seed: int,
-    names: Sequence[str] | None = None,
-    strict: bool = False,
-) -> tuple[LocalizationDataset, LocalizationDataset, list[str]]:
-    train, val, found, report = read_localization(data, val_fraction=fraction, seed=seed, strict=strict)
-    for line in report.problems[:20]:
-        log.warning("%s", line)
-    train, val = _split(train, val, fraction, seed)
-    names = list(names or found or sorted({s.label for s in train if s.label is not None}))
-    if not names:
-        raise DataError(f"{data}: no image has an object; a localizer needs at least one class")
-    return (
-        LocalizationDataset(train, names, imgsz, True),
-        LocalizationDataset(val, names, imgsz, False),
-        names,
-    )
-
-
-def _landmark_sets(
-    data: str | os.PathLike[str],
-    imgsz: int,
-    fraction: float,
-    seed: int,
-    flip_pairs: Sequence[Sequence[int]] | None,
-) -> tuple[LandmarkDataset, LandmarkDataset, dict[str, Any]]:
-    train, val, options = read_landmarks(data)
-    train, val = _split(train, val, fraction, seed)
-    pairs = flip_pairs if flip_pairs is not None else options.get("flip_pairs", [])
-    options = {**options, "flip_pairs": [list(p) for p in pairs]}
-    return LandmarkDataset(train, imgsz, True, pairs), LandmarkDataset(val, imgsz, False, pairs), options
-
-
-def train(
-    task: str,
-    data: str | os.PathLike[str],
-    *,
-    backbone: str = "resnet18",
-    backbone_args: dict[str, Any] | None = None,
-    pretrained: str | os.PathLike[str] | None = None,
-    cfg: TrainConfig | None = None,
-    val_fraction: float = 0.2,
-    loss: LandmarkLoss = "smooth_l1",
-    flip_pairs: Sequence[Sequence[int]] | None = None,
-    norm_points: tuple[int, int] | None = None,
-    project: str | os.PathLike[str] = "runs",
-    name: str = "exp",
-    resume: str | os.PathLike[str] | None = None,
-    strict: bool = False,
-    callbacks: Sequence[Callback] = (),
-) -> FitResult:
-    """Train a localizer (``task="localize"``) or a landmark regressor (``task="landmarks"``).
-
-    ``pretrained`` initialises the backbone (a classifier's weights: its head is dropped).
-    """
-    if resume is not None:
-        return _resume(resume)
-    cfg = cfg or TrainConfig()
-    seed_everything(cfg.seed)
-    common: dict[str, Any] = {
-        "backbone": backbone,
-        "backbone_args": backbone_args,
-        "backbone_weights": None if pretrained is None else str(pretrained),
-    }
-    meta: dict[str, Any] = {"data": str(data), "val_fraction": val_fraction, "strict": strict}
-    train_set: Any
-    val_set: Any
-    if task == "localize":
-        train_set, val_set, names = _localization_sets(data, cfg.imgsz, val_fraction, cfg.seed, strict=strict)
-        net = create_model("localizer", num_classes=len(names), **common)
-        meta["class_names"] = names
-        the_task: Any = LocalizationTask(len(names))
-    elif task == "landmarks":
-        train_set, val_set, options = _landmark_sets(data, cfg.imgsz, val_fraction, cfg.seed, flip_pairs)
-        net = create_model("landmarker", num_points=train_set.num_points, **common)
-        norm = norm_points or options.get("norm_points")
-        meta.update(
-            flip_pairs=options["flip_pairs"], norm_points=norm, loss=loss, num_points=train_set.num_points
-        )
-        the_task = LandmarkTask(train_set.num_points, loss, cfg.imgsz, tuple(norm) if norm else None)
-    else:
-        raise CnnkitError(f"task must be 'localize' or 'landmarks', got {task!r}")
-    config: dict[str, Any] = net.cnnkit_config  # type: ignore[assignment]
-    config["args"].pop("backbone_weights", None)  # weights come from the checkpoint from now on
-    meta = RunRecord.new(task, config, cfg, **meta).to_metadata()
-    run_dir = new_run_dir(project, task, name)
-    return fit(the_task, net, train_set, val_set, cfg, run_dir, metadata=meta, callbacks=callbacks)
-
-
-def _task_and_sets(meta: dict[str, Any], cfg: TrainConfig) -> tuple[Any, Any, Any]:
-    if meta["task"] == "localize":
-        tr, va, names = _localization_sets(
-            meta["data"],
-            cfg.imgsz,
-            meta["val_fraction"],
-            cfg.seed,
-            meta["class_names"],
-            meta.get("strict", False),
-        )
-        return LocalizationTask(len(names)), tr, va
-    points, points_val, _ = _landmark_sets(
-        meta["data"], cfg.imgsz, meta["val_fraction"], cfg.seed, meta["flip_pairs"]
-    )
-    norm = meta.get("norm_points")
-    task = LandmarkTask(points.num_points, meta["loss"], cfg.imgsz, tuple(norm) if norm else None)
-    return task, points, points_val
-
-
-def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    last, meta, cfg = resume_point(resume)
-    task, tr, va = _task_and_sets(meta, cfg)
-    net = rebuild_model(meta)
-    return fit(task, net, tr, va, cfg, last.parent.parent, resume=last, metadata=meta)
-
-
-def load(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
-    return load_task_model(weights, task)
-
-
-def val(
-    weights: str | os.PathLike[str],
-    task: str,
-    data: str | os.PathLike[str] | None = None,
-    *,
-    batch: int = 32,
-    imgsz: int | None = None,
-    device: str = "auto",
-    workers: int = 2,
-    fast: bool = True,
-) -> dict[str, float]:
-    """Metrics on the validation split of ``data`` (default: the training data's)."""
-    model, meta = load(weights, task)
-    cfg = TrainConfig(imgsz=imgsz or int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
-    the_task, _, val_set = _task_and_sets({**meta, "data": str(data or meta["data"])}, cfg)
-    metrics, _ = evaluate_dataset(
-        the_task, model, val_set, batch=batch, device=device, workers=workers, fast=fast
-    )
-    return metrics
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,7 @@ def predict(
     fast: bool = True,
 ) -> Iterator[LocPrediction]:
     """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""
-    model, meta = load(weights, task)
+    model, meta = load_task_model(weights, task)
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     out_dir = Path(out) if out is not None else None

@@ -1,4 +1,5 @@
-"""Segmentation verbs: ``train``, ``val``, ``predict`` (index masks and colour overlays)."""
+"""Segmentation: the task spec (image/mask folders, Pascal VOC) and ``predict`` (index masks and colour
+overlays at each image's own size)."""
 
 from __future__ import annotations
 
@@ -24,159 +25,108 @@ from cnnkit.data.segment import (
     infer_num_classes,
     resolve_segmentation_data,
 )
-from cnnkit.engine.callbacks import Callback
-from cnnkit.engine.config import TrainConfig, config_from_dict
+from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
-from cnnkit.engine.trainer import (
-    FitResult,
-    fit,
-    new_run_dir,
-    seed_everything,
-)
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import prepare
+from cnnkit.tasks.base import Task
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
-from cnnkit.workflows.common import (
-    evaluate_dataset,
-    load_task_model,
-    preprocess,
-    rebuild_model,
-    record_skipped,
-    resume_point,
-)
-from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.common import load_task_model, names_of, preprocess
+from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
 
 log = logging.getLogger("cnnkit")
 
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """Task options of a segmentation run."""
+    data: str | None = option(
+        None, "images/ + masks/ (or labels/, annotations/...), train/val splits, or VOC"
+    )
+    val_fraction: float = option(0.2, "seeded validation split when the data has none")
+    model: str = option("unet_same", "unet, unet_same, unet_course, unet_<encoder> (cnnkit models)")
+    model_args: dict[str, Any] | None = option(None, "JSON of builder arguments, e.g. '{\"base\": 16}'")
+    pretrained: str | None = option(None, "cnnkit weights of the same model")
+    loss: SegLoss = option("ce+dice", "training loss")
+    class_weights: tuple[float, ...] | None = option(None, "cross-entropy weight of each class")
+    binary: bool = option(False, "two classes as one sigmoid channel")
+    fliplr: float = option(0.5, "horizontal flip probability")
+    scale: tuple[float, float] = option((0.5, 1.0), "random resized crop: range of the image area kept")
+    strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
-    loss: SegLoss = "ce+dice"
-    class_weights: tuple[float, ...] | None = None
-    binary: bool = False  # one sigmoid channel (two classes: background and foreground)
-    scale: tuple[float, float] = (0.5, 1.0)  # random resized crop, as a fraction of the image area
-    hflip: float = 0.5
-    strict: bool = False  # a bad image/mask pair stops the run instead of being skipped
 
+@register_task("segment")
+class Segment(TaskSpec):
+    help = "semantic segmentation (image and mask folders, Pascal VOC)"
+    data_help = "the dataset root (default: the training data); its validation split is used"
+    Options = SegmentOptions
+    val_batch = 16
 
-def _datasets(
-    data: str | os.PathLike[str],
-    cfg: TrainConfig,
-    opts: SegmentOptions,
-    val_fraction: float,
-    names: list[str] | None = None,
-) -> tuple[SegmentationDataset, SegmentationDataset, list[str], Any]:
-    """Train and val datasets, the class names (from data.yaml, the caller, or the masks) and the spec."""
-    spec = resolve_segmentation_data(data, val_fraction, cfg.seed)
-    for path, reason in spec.missing:
-        log.warning("%s: %s", path, reason)
-    names = names or spec.names
-    if names is None:
-        names = [str(i) for i in range(infer_num_classes(spec.train, spec.ignore_index, spec.palette))]
+    def build_data(
+        self, opts: SegmentOptions, cfg: TrainConfig, names: Sequence[str] | None = None
+    ) -> TaskData:
+        """Train and val pairs; class names from data.yaml, the run being resumed, or the masks."""
+        spec = resolve_segmentation_data(opts.data or ".", opts.val_fraction, cfg.seed)
+        for line in spec.report.problems:
+            log.warning("%s", line)
+        found = list(names or spec.names or [])
+        if not found:
+            found = [str(i) for i in range(infer_num_classes(spec.train, spec.ignore_index, spec.palette))]
+        if opts.binary and len(found) != 2:
+            raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(found)}: {found}")
 
-    def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
-        transform = SegmentationTransform(cfg.imgsz, train, opts.scale, opts.hflip)
-        split = "train" if train else "val"
-        return SegmentationDataset(
-            pairs,
-            len(names),
-            transform,
-            ignore_index=spec.ignore_index,
-            palette=spec.palette,
-            strict=opts.strict,
-            source=f"{data} ({split})",
+        def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
+            transform = SegmentationTransform(cfg.imgsz, train, opts.scale, opts.fliplr)
+            split = "train" if train else "val"
+            return SegmentationDataset(
+                pairs,
+                len(found),
+                transform,
+                ignore_index=spec.ignore_index,
+                palette=spec.palette,
+                strict=opts.strict,
+                source=f"{opts.data} ({split})",
+            )
+
+        train_set, val_set = dataset(spec.train, True), dataset(spec.val, False)
+        skipped = [*spec.report.items, *train_set.skipped.items, *val_set.skipped.items]
+        record = {"ignore_index": spec.ignore_index, "palette": spec.palette}
+        return TaskData(train_set, val_set, found, skipped, record)
+
+    def build_model(self, opts: SegmentOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
+        classes = 1 if opts.binary else len(data.names or ())
+        return create_model(
+            opts.model, num_classes=classes, weights=opts.pretrained, **(opts.model_args or {})
         )
 
-    train_set, val_set = dataset(spec.train, True), dataset(spec.val, False)
-    return train_set, val_set, names, spec
+    def objective(
+        self,
+        opts: SegmentOptions,
+        data: TaskData,
+        model: nn.Module,
+        cfg: TrainConfig,
+        val_options: Any = None,
+    ) -> Task:
+        binary = getattr(model, "num_classes", 0) == 1
+        classes = 1 if binary else len(data.names or ())
+        return SegmentationTask(classes, opts.loss, data.record["ignore_index"], opts.class_weights)
 
+    def val_report(self, evaluator: SegmentationEvaluator, names: Sequence[str] | None) -> ValReport:
+        names = list(names or [str(i) for i in range(evaluator.num_classes)])
+        per = {k: v.tolist() for k, v in evaluator.per_class().items()}
+        rows = [
+            {"class": n, **{k: round(float(v[i]), 6) for k, v in per.items()}} for i, n in enumerate(names)
+        ]
+        return ValReport({}, rows)
 
-def train(
-    data: str | os.PathLike[str],
-    *,
-    model: str | None = "unet_same",
-    model_args: dict[str, Any] | None = None,
-    pretrained: str | os.PathLike[str] | None = None,
-    cfg: TrainConfig | None = None,
-    opts: SegmentOptions = SegmentOptions(),
-    val_fraction: float = 0.2,
-    project: str | os.PathLike[str] = "runs",
-    name: str = "exp",
-    resume: str | os.PathLike[str] | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> FitResult:
-    """Train a segmentation model (``unet``, ``unet_same``, ``unet_<encoder>``...) on an image/mask set."""
-    if resume is not None:
-        return _resume(resume)
-    cfg = cfg or TrainConfig()
-    train_set, val_set, names, spec = _datasets(data, cfg, opts, val_fraction)
-    if opts.binary and len(names) != 2:
-        raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(names)}: {names}")
-    seed_everything(cfg.seed)
-    net = create_model(
-        model, num_classes=1 if opts.binary else len(names), weights=pretrained, **(model_args or {})
-    )
-    run_dir = new_run_dir(project, "segment", name)
-    record_skipped(run_dir, [*spec.missing, *train_set.skipped.items, *val_set.skipped.items])
-    meta = RunRecord.new(
-        "segment",
-        net.cnnkit_config,  # type: ignore[arg-type]
-        cfg,
-        class_names=names,
-        data=str(data),
-        val_fraction=val_fraction,
-        options={**opts.__dict__},
-        ignore_index=spec.ignore_index,
-        palette=spec.palette,
-    ).to_metadata()
-    task = _task(names, spec.ignore_index, opts)
-    return fit(task, net, train_set, val_set, cfg, run_dir, metadata=meta, callbacks=callbacks)
-
-
-def _task(names: Sequence[str], ignore_index: int, opts: SegmentOptions) -> SegmentationTask:
-    return SegmentationTask(1 if opts.binary else len(names), opts.loss, ignore_index, opts.class_weights)
-
-
-def _resume(resume: str | os.PathLike[str]) -> FitResult:
-    last, meta, cfg = resume_point(resume)
-    opts = config_from_dict(SegmentOptions, meta["options"], str(last))
-    train_set, val_set, names, spec = _datasets(
-        meta["data"], cfg, opts, meta["val_fraction"], meta["class_names"]
-    )
-    net = rebuild_model(meta)
-    task = _task(names, spec.ignore_index, opts)
-    return fit(task, net, train_set, val_set, cfg, last.parent.parent, resume=last, metadata=meta)
-
-
-def load_segmenter(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    return load_task_model(weights, "segment")
-
-
-def val(
-    weights: str | os.PathLike[str],
-    data: str | os.PathLike[str] | None = None,
-    *,
-    batch: int = 16,
-    imgsz: int | None = None,
-    device: str = "auto",
-    workers: int = 2,
-    fast: bool = True,
-) -> tuple[dict[str, float], SegmentationEvaluator]:
-    """Evaluate on the validation split of ``data`` (default: the training data; the split the training
-    used, by the same seed)."""
-    model, meta = load_segmenter(weights)
-    data = data or meta["data"]
-    cfg = TrainConfig(imgsz=imgsz or int(meta["imgsz"]), seed=int(meta["train_config"]["seed"]))
-    fraction = float(meta.get("val_fraction", 0.2))
-    _, val_set, names, spec = _datasets(data, cfg, SegmentOptions(), fraction, meta["class_names"])
-    binary = getattr(model, "num_classes", 0) == 1
-    task = _task(names, spec.ignore_index, SegmentOptions(binary=bool(binary)))
-    metrics, evaluator = evaluate_dataset(
-        task, model, val_set, batch=batch, device=device, workers=workers, fast=fast
-    )
-    return metrics, evaluator
+    def predict(
+        self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any
+    ) -> Iterator[PredictRecord]:
+        names = names_of(weights)
+        for p in predict(weights, sources, out=out, **kw):
+            ids = sorted(int(c) for c in set(p.mask.flatten().tolist()))
+            classes = [names[c] if names and c < len(names) else str(c) for c in ids]
+            data = {"path": p.path, "classes": classes, "mask": p.mask_file, "overlay": p.overlay_file}
+            yield PredictRecord(data, f"{p.path}: {', '.join(classes)} -> {p.mask_file}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +152,7 @@ def predict(
     With ``out``, writes ``out/masks/<stem>.png`` (palette PNG whose pixel values are the classes)
     and ``out/overlays/<stem>.jpg`` (the colours blended over the image).
     """
-    model, meta = load_segmenter(weights)
+    model, meta = load_task_model(weights, "segment")
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     cmap = color_map(256)

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
-import os
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+
+from torch import nn
 
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig, unwrap_optional
-from cnnkit.engine.trainer import FitResult
+from cnnkit.engine.trainer import FitResult, fit
 from cnnkit.errors import CnnkitError
+from cnnkit.tasks.base import Task
 
 T = TypeVar("T")
 
@@ -70,9 +74,25 @@ class PredictRecord:
     text: str
 
 
+@dataclass
+class TaskData:
+    """What a spec reads for a run: the two datasets, the class names, the samples left out (path, reason),
+    the facts derived from the data that the run record keeps (a palette, flip pairs...), the batch
+    collate function, and the reader's own result (``source``: detection fits its anchors to it)."""
+
+    train: Any
+    val: Any
+    names: list[str] | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    collate_fn: Callable[..., Any] | None = None
+    source: Any = None
+
+
 class TaskSpec:
-    """What makes a task a task at the workflow level. Subclasses set the class attributes and implement
-    :meth:`train`, :meth:`resume`, :meth:`val` and :meth:`predict`."""
+    """What makes a task a task. Subclasses set the class attributes and implement :meth:`build_data`,
+    :meth:`build_model`, :meth:`objective` and :meth:`predict`; the generic ``train / resume / val`` of
+    :mod:`cnnkit.workflows.run` do the rest."""
 
     name: ClassVar[str]
     help: ClassVar[str]
@@ -83,24 +103,54 @@ class TaskSpec:
     PredictOptions: ClassVar[type | None] = None
     val_batch: ClassVar[int] = 32
 
-    def train(
+    def build_data(self, opts: Any, cfg: TrainConfig, names: Sequence[str] | None = None) -> TaskData:
+        """Read ``opts.data``; ``names``: the classes of the run being resumed or evaluated."""
+        raise NotImplementedError
+
+    def build_model(self, opts: Any, data: TaskData, cfg: TrainConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def objective(
+        self, opts: Any, data: TaskData, model: nn.Module, cfg: TrainConfig, val_options: Any = None
+    ) -> Task:
+        """The loss and evaluator; ``val_options`` is a ``ValOptions`` instance when evaluating."""
+        raise NotImplementedError
+
+    def fit(
         self,
-        opts: Any,
+        task: Task,
+        model: nn.Module,
+        data: TaskData,
         cfg: TrainConfig,
+        run_dir: Path,
+        metadata: dict[str, Any],
         *,
-        project: str | os.PathLike[str],
-        name: str,
+        opts: Any,
+        resume: Path | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> FitResult:
-        raise NotImplementedError
+        """Train (one stage; a spec with stages, like classification's fine-tuning, overrides this)."""
+        return fit(
+            task,
+            model,
+            data.train,
+            data.val,
+            cfg,
+            run_dir,
+            resume=resume,
+            metadata=metadata,
+            collate_fn=data.collate_fn,
+            callbacks=callbacks,
+        )
 
-    def resume(self, run: str | os.PathLike[str]) -> FitResult:
-        raise NotImplementedError
+    def val_data(self, opts: Any, cfg: TrainConfig, names: Sequence[str] | None, given: bool) -> TaskData:
+        """The data ``val`` evaluates on (``.val``); ``given``: ``opts.data`` is the user's, not the run's.
+        By default the validation split of ``opts.data`` (the training's by the same seed)."""
+        return self.build_data(opts, cfg, names)
 
-    def val(self, weights: str, data: str | None, *, options: Any = None, **kwargs: Any) -> ValReport:
-        """Evaluate ``weights``; ``options`` is a ``ValOptions`` instance (None: its defaults); ``kwargs``
-        are the common ones (batch, imgsz, device, workers, fast)."""
-        raise NotImplementedError
+    def val_report(self, evaluator: Any, names: Sequence[str] | None) -> ValReport:
+        """Per-class rows and extras of a validation (the metrics are filled in by ``val``)."""
+        return ValReport({}, [])
 
     def predict(
         self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kwargs: Any
@@ -143,8 +193,13 @@ def list_tasks() -> list[str]:
     return list(_TASKS)
 
 
+BUILTIN_TASKS = ("classify", "segment", "detect", "localize")  # spec files, in the order the CLI lists them
+
+
 def _load_builtin_tasks() -> None:
-    import cnnkit.workflows.tasks  # noqa: F401  (registers the built-in specs)
+    """Import the built-in spec files (each registers its task)."""
+    for module in BUILTIN_TASKS:
+        importlib.import_module(f"cnnkit.workflows.{module}")
 
 
 # -- dataclass <-> argparse / YAML -------------------------------------------------------------------

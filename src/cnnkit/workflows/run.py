@@ -1,0 +1,226 @@
+"""The generic verbs, written once for every task spec: ``train``, ``resume``, ``val``, ``predict``.
+
+```python
+from cnnkit.workflows import run
+result = run.train("classify", "data/digits", model="mobilenet_v2", cfg=TrainConfig(epochs=5, imgsz=64))
+report = run.val(result.best)                       # the task comes from the weights' run record
+records = list(run.predict(result.best, ["img.jpg"], topk=3))
+run.resume("runs/classify/exp")                     # with the options the run was started with
+```
+
+A spec says how to read its data, build its model and score it (:class:`~cnnkit.workflows.spec.TaskSpec`);
+everything else (seeding, the run directory, the record of the run, skipped files, checkpoints,
+resuming, evaluating with the training split) is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from cnnkit.engine.callbacks import Callback
+from cnnkit.engine.config import TrainConfig, config_from_dict
+from cnnkit.engine.trainer import FitResult, new_run_dir, seed_everything
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.weights import read_metadata
+from cnnkit.workflows.common import (
+    evaluate_dataset,
+    load_task_model,
+    rebuild_model,
+    record_skipped,
+    resume_point,
+)
+from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.spec import PredictRecord, TaskSpec, ValReport, get_task
+
+log = logging.getLogger("cnnkit")
+
+
+def _spec(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+def train(
+    task: str | TaskSpec,
+    data: str | os.PathLike[str] | None = None,
+    *,
+    cfg: TrainConfig | None = None,
+    project: str | os.PathLike[str] = "runs",
+    name: str = "exp",
+    callbacks: Sequence[Callback] = (),
+    options: Any = None,
+    **values: Any,
+) -> FitResult:
+    """Train ``task`` on ``data``: ``options`` is the spec's ``Options`` instance, or give its fields as
+    keyword arguments (the command line's names: ``model=``, ``freeze=``, ``mosaic=``...)."""
+    spec = _spec(task)
+    if options is None:
+        if data is not None:
+            values["data"] = str(data)
+        options = config_from_dict(spec.Options, values, f"train {spec.name}")
+    elif values or data is not None:
+        raise CnnkitError("pass the task's options either as options= or as keyword arguments, not both")
+    if not getattr(options, "data", None):
+        raise CnnkitError(f"train {spec.name}: data is required")
+    cfg = cfg or TrainConfig()
+    data_ = spec.build_data(options, cfg)
+    seed_everything(cfg.seed)  # the new model's initialisation is part of the seeded run
+    model = spec.build_model(options, data_, cfg)
+    config: dict[str, Any] = model.cnnkit_config  # type: ignore[assignment]
+    for key in ("weights", "backbone_weights", "encoder_weights"):  # weights come from checkpoints now
+        config["args"].pop(key, None)
+    run_dir = new_run_dir(project, spec.name, name)
+    record_skipped(run_dir, data_.skipped)
+    opts = dataclasses.asdict(options)
+    record = RunRecord.new(
+        spec.name,
+        config,
+        cfg,
+        class_names=data_.names,
+        data=opts["data"],
+        val=opts.get("val"),
+        val_fraction=opts.get("val_fraction", 0.2),
+        options=opts,
+        **data_.record,
+    )
+    task_ = spec.objective(options, data_, model, cfg)
+    return spec.fit(
+        task_, model, data_, cfg, run_dir, record.to_metadata(), opts=options, callbacks=callbacks
+    )
+
+
+def resume(run: str | os.PathLike[str], *, callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Continue a stopped run (its directory or ``weights/last.pt``) with the model, data, options and
+    training configuration it was started with."""
+    last, meta, cfg = resume_point(run)
+    spec = get_task(meta.get("task", "classify"))
+    options = options_from_record(spec, meta, str(last))
+    data = spec.build_data(options, cfg, meta.get("class_names"))
+    if meta.get("class_names") and data.names != meta["class_names"]:
+        raise DataError(
+            f"{options.data}: the classes changed since the run started (were {meta['class_names']})"
+        )
+    model = rebuild_model(meta)
+    task = spec.objective(options, data, model, cfg)
+    run_dir = last.parent.parent
+    if int(meta.get("stage", 1)) > 1:  # a later stage lives in a folder of its run
+        run_dir = run_dir.parent
+    return spec.fit(task, model, data, cfg, run_dir, meta, opts=options, resume=last, callbacks=callbacks)
+
+
+def val(
+    weights: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    *,
+    task: str | None = None,
+    options: Any = None,
+    batch: int | None = None,
+    imgsz: int | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    fast: bool = True,
+) -> ValReport:
+    """Evaluate trained ``weights`` on ``data`` (default: the validation split the training used, by the
+    same seed); ``task``: refuse weights of another task. ``options`` is the spec's ``ValOptions``
+    instance (thresholds), None for its defaults."""
+    spec = _spec_of(weights, task)
+    model, meta = load_task_model(weights, spec.name)
+    recorded = options_from_record(spec, meta, str(weights))
+    if data is None and not recorded.data:
+        raise DataError(f"{weights} does not record its training data; pass --data")
+    if data is not None:
+        recorded = dataclasses.replace(recorded, data=str(data), **_drop_val(recorded))
+    if options is None and spec.ValOptions is not None:
+        options = spec.ValOptions()
+    if options is not None:  # a val option named like a training option replaces it (detect's --val JSON)
+        known = {f.name for f in dataclasses.fields(recorded)}
+        given = {k: v for k, v in dataclasses.asdict(options).items() if k in known and v is not None}
+        recorded = dataclasses.replace(recorded, **given)
+    seed = int(meta.get("train_config", {}).get("seed", 0))
+    cfg = TrainConfig(imgsz=imgsz or int(meta.get("imgsz", 224)), seed=seed)
+    names = meta.get("class_names")
+    dataset = spec.val_data(recorded, cfg, names, given=data is not None)
+    objective = spec.objective(recorded, dataset, model, cfg, val_options=options)
+    metrics, evaluator = evaluate_dataset(
+        objective,
+        model,
+        dataset.val,
+        batch=batch or spec.val_batch,
+        device=device,
+        workers=workers,
+        fast=fast,
+        collate_fn=dataset.collate_fn,
+    )
+    report = spec.val_report(evaluator, names)
+    return ValReport(metrics, report.per_class, report.extra)
+
+
+def _spec_of(weights: str | os.PathLike[str], task: str | None) -> TaskSpec:
+    """The spec of the task ``weights`` were trained for (files without a task are classifiers); with
+    ``task``, weights of another task are refused."""
+    found = read_metadata(weights).get("task") or "classify"
+    if task is not None and task != found:
+        raise CnnkitError(f"{weights} holds a {found} model, not a {task} model")
+    return get_task(found)
+
+
+def _drop_val(options: Any) -> dict[str, Any]:
+    """A new ``data`` brings its own validation split: the recorded explicit one no longer applies."""
+    return {"val": None} if "val" in {f.name for f in dataclasses.fields(options)} else {}
+
+
+def predict(
+    weights: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    task: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    options: Any = None,
+    **kwargs: Any,
+) -> Iterator[PredictRecord]:
+    """Predict with trained ``weights`` on images (files, folders, globs, videos); ``out``: where the
+    drawn images go. ``options`` is the spec's ``PredictOptions`` instance (None: its defaults)."""
+    spec = _spec_of(weights, task)
+    yield from spec.predict(
+        str(weights),
+        [str(s) for s in sources],
+        out=None if out is None else str(out),
+        options=options,
+        **kwargs,
+    )
+
+
+# -- the options of a recorded run ---------------------------------------------------------------------
+# Names the first release stored its options under, and the fields they are now.
+_RENAMED = {"hflip": "fliplr"}
+
+
+def options_from_record(spec: TaskSpec, meta: dict[str, Any], source: str) -> Any:
+    """The spec's ``Options`` a run was trained with. Files of this release store every field under
+    ``options`` (an unknown one is refused); files of the first release kept them in task-specific
+    places (flat keys, nested ``augment``/``transfer`` dicts, the model's build arguments), gathered here."""
+    fields = {f.name for f in dataclasses.fields(spec.Options)}
+    stored = dict(meta.get("options") or {})
+    if fields <= set(stored):  # written by this release: every field, and nothing unknown
+        return config_from_dict(spec.Options, stored, f"{source}: options")
+    values: dict[str, Any] = {}
+    model = meta.get("model_config", {})
+    sources = [
+        {"model": model.get("name")} if "model" in fields and "backbone" not in fields else {},
+        dict(model.get("args", {})),
+        meta,
+        meta.get("augment") or {},
+        meta.get("transfer") or {},
+        stored,
+        stored.get("augment") or {},
+    ]
+    for mapping in sources:
+        for key, value in mapping.items():
+            key = _RENAMED.get(key, key)
+            if key in fields and value is not None and (not isinstance(value, dict) or key.endswith("_args")):
+                values[key] = value
+    log.debug("%s: options read from a first-release record: %s", source, sorted(values))
+    return config_from_dict(spec.Options, values, f"{source}: options")
