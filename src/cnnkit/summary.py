@@ -113,39 +113,7 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: in
         rf_in: tuple[int, int] | None = None
         if inp is not None:
             rf_in = fields.get(id(inp)) or (by_size.get(tuple(inp.shape[-2:])) if inp.ndim == 4 else None)
-        kernel = stride = padding = "-"
-        rf_out = rf_in
-        if isinstance(module, _WINDOW) and inp is not None:
-            k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-            d = _pair(getattr(module, "dilation", 1))
-            p = _pair(module.padding)
-            ceil = bool(getattr(module, "ceil_mode", False))
-            expected = tuple(
-                arithmetic.conv_output_size(int(n), k[i], p[i], s[i], d[i], ceil)
-                for i, n in enumerate(inp.shape[-2:])
-            )
-            _check_shape(name, expected, output)
-            kernel, stride, padding = f"{k[0]}x{k[1]}", _fmt(s), _fmt(p)
-            if rf_in is not None:
-                rf_out = (
-                    rf_in[0] + (arithmetic.effective_kernel(k[0], d[0]) - 1) * rf_in[1],
-                    rf_in[1] * s[0],
-                )
-        elif isinstance(module, nn.ConvTranspose2d) and inp is not None:
-            k, s, p = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
-            op, d = _pair(module.output_padding), _pair(module.dilation)
-            expected = tuple(
-                arithmetic.conv_transpose_output_size(int(n), k[i], p[i], s[i], op[i], d[i])
-                for i, n in enumerate(inp.shape[-2:])
-            )
-            _check_shape(name, expected, output)
-            kernel, stride, padding = f"{k[0]}x{k[1]}", _fmt(s), _fmt(p)
-            if rf_in is not None:
-                rf_out = (rf_in[0] + (k[0] - 1) * rf_in[1] // s[0], max(rf_in[1] // s[0], 1))
-        elif isinstance(module, _ADAPTIVE) and inp is not None and rf_in is not None:
-            out_h = int(output.shape[-2])
-            win = -(-int(inp.shape[-2]) // out_h)  # the widest adaptive window
-            rf_out = (rf_in[0] + (win - 1) * rf_in[1], rf_in[1] * max(int(inp.shape[-2]) // out_h, 1))
+        kernel, stride, padding, rf_out = _geometry(name, module, inp, output, rf_in)
         if rf_out is not None and output.ndim == 4:
             fields[id(output)] = rf_out
             size = tuple(output.shape[-2:])
@@ -186,6 +154,56 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: in
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(rows, tuple(x.shape[1:]), params, trainable, sum(r.macs for r in rows))
+
+
+Field = tuple[int, int]  # (receptive field, jump) along H
+
+
+def _geometry(
+    name: str, module: nn.Module, inp: torch.Tensor | None, output: torch.Tensor, rf_in: Field | None
+) -> tuple[str, str, str, Field | None]:
+    """Kernel, stride and padding of a sliding-window layer (``-`` for others) and the receptive field
+    after it; the formula's output size is checked against the forward pass."""
+    if inp is None:
+        return "-", "-", "-", rf_in
+    if isinstance(module, _WINDOW):
+        k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        d, p = _pair(getattr(module, "dilation", 1)), _pair(module.padding)
+        ceil = bool(getattr(module, "ceil_mode", False))
+        _check_shape(
+            name,
+            tuple(
+                arithmetic.conv_output_size(int(n), k[i], p[i], s[i], d[i], ceil)
+                for i, n in enumerate(inp.shape[-2:])
+            ),
+            output,
+        )
+        grown = (
+            None
+            if rf_in is None
+            else (rf_in[0] + (arithmetic.effective_kernel(k[0], d[0]) - 1) * rf_in[1], rf_in[1] * s[0])
+        )
+        return f"{k[0]}x{k[1]}", _fmt(s), _fmt(p), grown
+    if isinstance(module, nn.ConvTranspose2d):
+        k, s, p = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
+        op, d = _pair(module.output_padding), _pair(module.dilation)
+        _check_shape(
+            name,
+            tuple(
+                arithmetic.conv_transpose_output_size(int(n), k[i], p[i], s[i], op[i], d[i])
+                for i, n in enumerate(inp.shape[-2:])
+            ),
+            output,
+        )
+        grown = (
+            None if rf_in is None else (rf_in[0] + (k[0] - 1) * rf_in[1] // s[0], max(rf_in[1] // s[0], 1))
+        )
+        return f"{k[0]}x{k[1]}", _fmt(s), _fmt(p), grown
+    if isinstance(module, _ADAPTIVE) and rf_in is not None:
+        n_in, n_out = int(inp.shape[-2]), int(output.shape[-2])
+        win = -(-n_in // n_out)  # the widest adaptive window
+        return "-", "-", "-", (rf_in[0] + (win - 1) * rf_in[1], rf_in[1] * max(n_in // n_out, 1))
+    return "-", "-", "-", rf_in
 
 
 def _check_shape(name: str, expected: tuple[int, ...], output: torch.Tensor) -> None:

@@ -1,11 +1,13 @@
-"""The pieces of a pass over data that training and evaluation share: seeding, run folders, loaders,
-moving batches to the device, and the evaluation loop."""
+"""The pieces of a pass over data that training and evaluation share: seeding, run folders and their
+log file, reading a run's saved state, loaders, moving batches to the device, and the evaluation loop."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,10 @@ from tqdm import tqdm
 
 from cnnkit.engine import distributed as distrib
 from cnnkit.engine.device import autocast
+from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Task
+
+log = logging.getLogger("cnnkit")
 
 
 def seed_everything(seed: int) -> None:
@@ -125,3 +130,36 @@ def _to_float(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to_float(o) for o in obj)
     return obj
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Copy the ``cnnkit`` logger's INFO messages into the run's log file for the duration of a fit."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)
+
+
+def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``last.pt`` written by :func:`fit` (plain tensors and containers; nothing is unpickled)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights" / "last.pt"
+    if not path.is_file():
+        raise CnnkitError(
+            f"cannot resume: {path} does not exist (pass a run directory or its weights/last.pt)"
+        )
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        raise CnnkitError(f"cannot resume from {path}: {exc}") from exc

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,15 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.ema import ModelEMA
 from cnnkit.engine.freeze import count_parameters
-from cnnkit.engine.loops import evaluate, make_loader, new_run_dir, seed_everything, to_device
+from cnnkit.engine.loops import (
+    evaluate,
+    load_training_state,
+    make_loader,
+    new_run_dir,
+    run_log,
+    seed_everything,
+    to_device,
+)
 from cnnkit.engine.optim import build_optimizer, lr_factor, set_lr
 from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Task
@@ -355,7 +363,7 @@ def fit(
     """
     distrib.setup(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    logging_to = _run_log(run_dir / "train.log") if distrib.info().is_main else contextlib.nullcontext()
+    logging_to = run_log(run_dir / "train.log") if distrib.info().is_main else contextlib.nullcontext()
     with logging_to:
         trainer = Trainer(
             task,
@@ -373,39 +381,6 @@ def fit(
             trainer.load_state_dict(load_training_state(resume))
             log.info("resuming from %s at epoch %d/%d", resume, trainer.state.epoch, cfg.epochs)
         return trainer.fit()
-
-
-@contextlib.contextmanager
-def _run_log(path: Path) -> Iterator[None]:
-    """Copy the ``cnnkit`` logger's INFO messages into the run's log file for the duration of a fit."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.INFO)
-    old_level = log.level
-    if log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        log.setLevel(old_level)
-
-
-def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a ``last.pt`` written by :func:`fit` (plain tensors and containers; nothing is unpickled)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "weights" / "last.pt"
-    if not path.is_file():
-        raise CnnkitError(
-            f"cannot resume: {path} does not exist (pass a run directory or its weights/last.pt)"
-        )
-    try:
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as exc:
-        raise CnnkitError(f"cannot resume from {path}: {exc}") from exc
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:

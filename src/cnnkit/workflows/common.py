@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from cnnkit.api import create_model
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
-from cnnkit.engine.trainer import evaluate, load_training_state, make_loader
+from cnnkit.engine.loops import evaluate, load_training_state, make_loader
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task

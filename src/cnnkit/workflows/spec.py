@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import pkgutil
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -193,13 +194,17 @@ def list_tasks() -> list[str]:
     return list(_TASKS)
 
 
-BUILTIN_TASKS = ("classify", "segment", "detect", "localize")  # spec files, in the order the CLI lists them
+#: modules of this package that are not task specs; every other module is one and registers its task
+_NOT_SPECS = {"spec", "run", "common", "record"}
 
 
 def _load_builtin_tasks() -> None:
-    """Import the built-in spec files (each registers its task)."""
-    for module in BUILTIN_TASKS:
-        importlib.import_module(f"cnnkit.workflows.{module}")
+    """Import every spec file of this package (each registers its task): adding a task is adding a file."""
+    import cnnkit.workflows
+
+    for module in pkgutil.iter_modules(cnnkit.workflows.__path__):
+        if module.name not in _NOT_SPECS and not module.name.startswith("_"):
+            importlib.import_module(f"cnnkit.workflows.{module.name}")
 
 
 # -- dataclass <-> argparse / YAML -------------------------------------------------------------------
