@@ -3,6 +3,7 @@ torchvision has the same architecture, gives torchvision's outputs after importi
 
 from __future__ import annotations
 
+import random
 import warnings
 from pathlib import Path
 
@@ -158,7 +159,26 @@ def test_transfer_head_with_other_class_count_is_left_fresh(
     torch.testing.assert_close(model.stem.conv.conv.weight, tv.conv1.weight)
     assert model.head.fc.weight.shape == (5, 512)
     report = cnnkit.load_weights(cnnkit.create_model("resnet18", num_classes=5), tmp_path / "r.pth")
-    assert len(report.skipped_head) == 2 and report.by_position
+    assert len(report.skipped_head) == 2 and report.mapped and not report.by_position
+
+
+@pytest.mark.parametrize("name", [n for n in TORCHVISION_TWINS if n != "mobilenet_v1"])
+def test_each_family_maps_torchvision_names_explicitly_whatever_the_order(name: str, tmp_path: Path) -> None:
+    """The family's key map names every torchvision tensor (no pairing by position), so a file whose
+    tensors come in another order (a safetensors file sorts them by name) still loads exactly."""
+    tv = _torchvision_model(name)
+    items = list(tv.state_dict().items())
+    random.Random(0).shuffle(items)
+    shuffled = dict(items)
+    torch.save(shuffled, tmp_path / "w.pth")
+    aux = {"aux_logits": True} if name in ("googlenet", "inception_v3") else {}
+    ours = cnnkit.create_model(name, **aux).eval()
+    report = cnnkit.load_weights(ours, tmp_path / "w.pth")
+    counted = [k for k in ours.state_dict() if not k.endswith("num_batches_tracked")]
+    assert report.mapped and not report.by_position and report.loaded == len(counted)
+    x = small_input(name)
+    with torch.no_grad():
+        assert (tv(x) - ours(x)).abs().max().item() <= 1e-4
 
 
 def test_mismatched_architecture_names_keys_and_shapes(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Nothing here unpickles code: ``.safetensors`` files are plain tensors, and ``.pt``/``.pth`` files are
 read with ``torch.load(..., weights_only=True)``.
 
-A foreign checkpoint of the same architecture is mapped onto cnnkit's modules by position: both
+A foreign checkpoint of the same architecture is mapped onto cnnkit's modules by the family's explicit
+key map (``ConvNet.reference_names``: torchvision's module names -> cnnkit's, like timm's checkpoint
+filters). A naming no map covers (timm's for some families) falls back to position: both
 ``state_dict`` s list their tensors in module-registration order, which cnnkit's families keep equal to
 torchvision's, so the i-th tensor of one is the i-th of the other. Every pair is checked by shape.
 Auxiliary-classifier tensors (names containing ``aux``) are paired among themselves, so where the
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,12 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
+    mapped: bool = False  # names translated by the family's key map (torchvision's -> cnnkit's)
     by_position: bool = False
 
     def messages(self) -> list[str]:
-        out = [f"loaded {self.loaded} tensors" + (" (matched by position)" if self.by_position else "")]
+        how = " (names mapped from torchvision's)" if self.mapped else ""
+        out = [f"loaded {self.loaded} tensors" + (" (matched by position)" if self.by_position else how)]
         if self.skipped_head:
             out.append(
                 "classifier weights with another class count were left out and the new head is freshly "
@@ -161,10 +165,14 @@ def load_weights(
     src = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     target = model.state_dict()
     foreign = not set(_split(list(target))[0]) <= set(src)  # the file does not use cnnkit's names
-    if foreign and not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
-        src = _registration_order(src, getattr(model, "cnnkit_config", {}).get("name"), name)
-    head = tuple(getattr(model, "classifier_modules", ()))
     report = LoadReport()
+    if foreign:
+        renamed = _by_family_map(model, src)
+        if renamed is not None:
+            src, report.mapped = renamed, True
+        elif not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
+            src = _registration_order(src, getattr(model, "cnnkit_config", {}).get("name"), name)
+    head = tuple(getattr(model, "classifier_modules", ()))
     pairs = _pair_keys(target, src, report, name, head)
     new_sd: StateDict = {}
     mismatched = []
@@ -252,6 +260,30 @@ def _pair_keys(
             "in the file)"
         )
     return pairs
+
+
+def _by_family_map(model: nn.Module, src: StateDict) -> StateDict | None:
+    """``src`` renamed by the model family's explicit key map (``reference_names``), or None when the
+    family has none or it does not name every tensor of the file and of the model (another naming,
+    such as timm's for some families: then tensors are paired by position, checked by shape)."""
+    reference_names = getattr(model, "reference_names", None)
+    names = reference_names() if callable(reference_names) else {}
+    if not names:
+        return None
+    from cnnkit.models.base import rename_key
+
+    renamed: StateDict = {}
+    for key, value in src.items():
+        new = rename_key(names, key)
+        if new is None:
+            return None
+        renamed[new] = value
+    head = tuple(getattr(model, "classifier_modules", ()))
+
+    def body(keys: Iterable[str]) -> set[str]:  # the tensors outside classifiers and side heads
+        return {k for k in _split(list(keys))[0] if not any(k.startswith(h + ".") for h in head)}
+
+    return renamed if body(renamed) == body(model.state_dict()) else None
 
 
 def _registration_order(src: StateDict, model_name: str | None, name: str) -> StateDict:

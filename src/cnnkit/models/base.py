@@ -7,6 +7,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+#: Module names of a reference implementation (torchvision's) -> this model's: a family's explicit key
+#: map for loading foreign weights (the longest matching prefix of a tensor name is replaced).
+NameMap = dict[str, str]
+
+
+def rename_key(names: NameMap, key: str) -> str | None:
+    """``key`` in this model's naming, by the longest prefix of it that ``names`` maps; None if none."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in names:
+            return names[prefix] + key[len(prefix) :]
+    return None
+
+
+def conv_norm_names(names: NameMap, ref: str, own: str) -> None:
+    """torchvision's ``Conv2dNormActivation`` (``ref.0`` conv, ``ref.1`` norm) -> a :class:`ConvNormAct`."""
+    names[f"{ref}.0"] = f"{own}.conv"
+    names[f"{ref}.1"] = f"{own}.bn"
+
 
 @dataclass(frozen=True)
 class FeatureInfo:
@@ -51,6 +71,15 @@ class ClassifierHead(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+
+    def reference_names(self, ref: str = "classifier") -> NameMap:
+        """torchvision's ``classifier`` Sequential: the hidden layers where ours are, then the last
+        linear layer (after a dropout when there are no hidden layers)."""
+        if len(self.mlp) == 0:
+            return {f"{ref}.1": "head.fc"}
+        names = {f"{ref}.{i}": f"head.mlp.{i}" for i, m in enumerate(self.mlp) if isinstance(m, nn.Linear)}
+        names[f"{ref}.{len(self.mlp)}"] = "head.fc"
+        return names
 
     def reset(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -121,6 +150,11 @@ class ConvNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the last linear layer by a freshly initialised one with ``num_classes`` outputs."""
         self.head.reset(num_classes)
+
+    def reference_names(self) -> NameMap:
+        """The family's explicit key map from torchvision's module names (timm's ResNets name alike);
+        empty when the family has none, and loaders fall back to pairing tensors by position."""
+        return {}
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

@@ -20,7 +20,8 @@ from cnnkit.arithmetic.scaling import (
 )
 from cnnkit.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from cnnkit.layers.conv import NormLayer
-from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap
+from cnnkit.models.mobilenet import inverted_residual_names
 from cnnkit.registry import register_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class EfficientNet(ConvNet):
         in_ch = make_divisible(STEM_CHANNELS * scaling.width)
         self.stem = ConvNormAct(in_chans, in_ch, 3, 2, norm=norm, act=nn.SiLU)
         repeats = [math.ceil(row.repeats * scaling.depth) for row in table]
+        self.row_repeats = tuple(repeats)
         total = sum(repeats)
         stages: list[nn.Sequential] = []
         self.feature_info = []
@@ -94,6 +96,11 @@ class EfficientNet(ConvNet):
                 bound = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
+
+    def reference_names(self) -> NameMap:
+        """torchvision's ``features.R.J.block`` (row R of the table, block J), ``features.8`` final."""
+        refs = [f"features.{r + 1}.{j}.block" for r, n in enumerate(self.row_repeats) for j in range(n)]
+        return inverted_residual_names(self, refs, f"features.{len(self.row_repeats) + 1}")
 
 
 def _se(channels: int, squeeze: int) -> SqueezeExcite:

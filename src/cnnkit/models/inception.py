@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from cnnkit.layers import ConvNormAct
-from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap
 from cnnkit.registry import register_model
 
 # Both networks use BatchNorm with TensorFlow's epsilon in front of every ReLU.
@@ -141,6 +141,24 @@ class AuxConvNet(ConvNet):
             fc_name = "fc2" if isinstance(aux, GoogLeNetAux) else "fc"
             setattr(aux, fc_name, nn.Linear(getattr(aux, fc_name).in_features, num_classes))
 
+    #: torchvision's names of the side classifiers -> ours
+    reference_aux: ClassVar[dict[str, str]] = {}
+
+    def reference_names(self) -> NameMap:
+        """torchvision keeps every layer at the top level under the same name (ours add ``stages.S.``);
+        an inception module's branches are renamed by :meth:`reference_branches`."""
+        names = {"fc": "head.fc", **self.reference_aux}
+        for s, stage in enumerate(self.stages):
+            for top, _ in stage.named_children():
+                names[top] = f"stages.{s}.{top}"
+                for ref, own in self.reference_branches(top).items():
+                    names[f"{top}.{ref}"] = f"stages.{s}.{top}.branches.{own}"
+        return names
+
+    def reference_branches(self, module: str) -> dict[str, str]:
+        """torchvision's branch names inside inception module ``module`` -> ours (under ``branches``)."""
+        return {}
+
 
 class GoogLeNet(AuxConvNet):
     """GoogLeNet: conv stem, nine inception modules in three resolutions, aux heads after 4a and 4d."""
@@ -190,11 +208,37 @@ class GoogLeNet(AuxConvNet):
         self.head = ClassifierHead(1024, num_classes, dropout=drop_rate)
         _init_weights(self)
 
+    reference_aux: ClassVar[dict[str, str]] = {"aux1": "aux.aux1", "aux2": "aux.aux2"}
+
+    def reference_branches(self, module: str) -> dict[str, str]:
+        return {f"branch{i + 1}": str(i) for i in range(4)} if module.startswith("inception") else {}
+
 
 @register_model("googlenet")
 def googlenet(**kwargs: Any) -> GoogLeNet:
     """GoogLeNet / Inception v1 (Szegedy et al. 2014) with its two auxiliary classifiers."""
     return GoogLeNet(**kwargs)
+
+
+# torchvision's Inception v3 branch names -> ours, by module type (A: 35x35, B: to 17x17, C: 17x17
+# factorised 7x7, D: to 8x8, E: 8x8 with split 1x3/3x1 heads).
+V3_BRANCHES = {
+    "A": {"branch1x1": "0", "branch5x5_1": "1.0", "branch5x5_2": "1.1", "branch3x3dbl_1": "2.0",
+          "branch3x3dbl_2": "2.1", "branch3x3dbl_3": "2.2", "branch_pool": "3.1"},
+    "B": {"branch3x3": "0", "branch3x3dbl_1": "1.0", "branch3x3dbl_2": "1.1", "branch3x3dbl_3": "1.2"},
+    "C": {"branch1x1": "0", "branch7x7_1": "1.0", "branch7x7_2": "1.1", "branch7x7_3": "1.2",
+          **{f"branch7x7dbl_{k}": f"2.{k - 1}" for k in range(1, 6)}, "branch_pool": "3.1"},
+    "D": {"branch3x3_1": "0.0", "branch3x3_2": "0.1",
+          **{f"branch7x7x3_{k}": f"1.{k - 1}" for k in range(1, 5)}},
+    "E": {"branch1x1": "0", "branch3x3_1": "1.pre", "branch3x3_2a": "1.heads.0", "branch3x3_2b": "1.heads.1",
+          "branch3x3dbl_1": "2.pre.0", "branch3x3dbl_2": "2.pre.1", "branch3x3dbl_3a": "2.heads.0",
+          "branch3x3dbl_3b": "2.heads.1", "branch_pool": "3.1"},
+}  # fmt: skip
+V3_MODULE_TYPES = {
+    **dict.fromkeys(("Mixed_5b", "Mixed_5c", "Mixed_5d"), "A"), "Mixed_6a": "B",
+    **dict.fromkeys(("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"), "C"), "Mixed_7a": "D",
+    **dict.fromkeys(("Mixed_7b", "Mixed_7c"), "E"),
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ Inception v3
@@ -357,6 +401,11 @@ class InceptionV3(AuxConvNet):
         self.final = nn.Identity()
         self.head = ClassifierHead(2048, num_classes, dropout=drop_rate)
         _init_weights(self)
+
+    reference_aux: ClassVar[dict[str, str]] = {"AuxLogits": "aux.aux"}
+
+    def reference_branches(self, module: str) -> dict[str, str]:
+        return V3_BRANCHES[V3_MODULE_TYPES[module]] if module in V3_MODULE_TYPES else {}
 
 
 @register_model("inception_v3")

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from cnnkit.layers import ConvNormAct, DepthwiseSeparable, InvertedResidual, SqueezeExcite, make_divisible
-from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap, conv_norm_names
 from cnnkit.registry import register_model
 
 
@@ -32,6 +32,39 @@ def _group_by_stride(
         widths[-1] = out_ch
     info = [FeatureInfo(c, r, f"stages.{i}") for i, (c, r) in enumerate(zip(widths, reductions))]
     return [nn.Sequential(*s) for s in stages], info
+
+
+def inverted_residual_names(
+    model: ConvNet, block_refs: Sequence[str], final: str, *, split_project: bool = False
+) -> NameMap:
+    """torchvision's names of a MobileNetV2/V3 or EfficientNet: ``features.0`` the stem, ``block_refs``
+    the inverted residuals in order (their layers numbered: ``i.0`` conv, ``i.1`` norm, squeeze-excite
+    ``fc1/fc2``; V2 keeps the projection as two flat entries, ``split_project``), ``final`` the last
+    1x1 conv, then the classifier."""
+    names = model.head.reference_names()
+    conv_norm_names(names, "features.0", "stem")
+    blocks = [
+        (f"stages.{s}.{b}", block)
+        for s, stage in enumerate(model.stages)
+        for b, block in enumerate(stage.children())
+    ]
+    for ref, (own, block) in zip(block_refs, blocks, strict=True):
+        layers = [name for name, _ in block.block.named_children()]  # type: ignore[union-attr]
+        for i, name in enumerate(layers):
+            if name == "se":
+                names[f"{ref}.{i}.fc1"], names[f"{ref}.{i}.fc2"] = (
+                    f"{own}.block.se.reduce",
+                    f"{own}.block.se.expand",
+                )
+            elif name == "project" and split_project:
+                names[f"{ref}.{i}"], names[f"{ref}.{i + 1}"] = (
+                    f"{own}.block.project.conv",
+                    f"{own}.block.project.bn",
+                )
+            else:
+                conv_norm_names(names, f"{ref}.{i}", f"{own}.block.{name}")
+    conv_norm_names(names, final, "final")
+    return names
 
 
 # ---------------------------------------------------------------------------------------- MobileNet v1
@@ -128,6 +161,11 @@ class MobileNetV2(ConvNet):
         self.head = ClassifierHead(last_ch, num_classes, dropout=drop_rate)
         _init_weights(self)
 
+    def reference_names(self) -> NameMap:
+        count = sum(len(list(stage.children())) for stage in self.stages)
+        refs = [f"features.{k}.conv" for k in range(1, count + 1)]
+        return inverted_residual_names(self, refs, f"features.{count + 1}", split_project=True)
+
 
 @register_model("mobilenet_v2")
 def mobilenet_v2(**kwargs: Any) -> MobileNetV2:
@@ -213,6 +251,11 @@ class MobileNetV3(ConvNet):
             act=nn.Hardswish,
         )
         _init_weights(self)
+
+    def reference_names(self) -> NameMap:
+        count = sum(len(list(stage.children())) for stage in self.stages)
+        refs = [f"features.{k}.block" for k in range(1, count + 1)]
+        return inverted_residual_names(self, refs, f"features.{count + 1}")
 
 
 def _v3_se(channels: int) -> SqueezeExcite:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from cnnkit.layers import BasicBlock, Bottleneck, ConvNormAct
-from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap, conv_norm_names
 from cnnkit.registry import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -75,6 +75,19 @@ class ResNet(ConvNet):
         self.final = nn.Identity()
         self.head = ClassifierHead(in_ch, num_classes, dropout=drop_rate)
         _init_weights(self, zero_init_residual)
+
+    def reference_names(self) -> NameMap:
+        """torchvision's (and timm's) ``conv1/bn1``, ``layerN.B.convK/bnK``, ``downsample``, ``fc``."""
+        names = {"conv1": "stem.conv.conv", "bn1": "stem.conv.bn", "fc": "head.fc"}
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage.children()):
+                ref, own = f"layer{s + 1}.{b}", f"stages.{s}.{b}"
+                for k in (1, 2, 3):
+                    if hasattr(block, f"conv{k}"):
+                        names[f"{ref}.conv{k}"] = f"{own}.conv{k}.conv"
+                        names[f"{ref}.bn{k}"] = f"{own}.conv{k}.bn"
+                conv_norm_names(names, f"{ref}.downsample", f"{own}.shortcut")
+        return names
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:

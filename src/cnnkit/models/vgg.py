@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from cnnkit.layers import ConvNormAct
-from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo
+from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap
 from cnnkit.registry import register_model
 
 # Convolutions per stage; stage widths are 64, 128, 256, 512, 512 and every stage ends in a max-pool.
@@ -59,6 +59,18 @@ class VGG(ConvNet):
                 nn.init.normal_(m.weight, 0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def reference_names(self) -> NameMap:
+        """torchvision's flat ``features.N`` (conv, [bn], relu per layer, a max-pool per stage) and
+        ``classifier``."""
+        names, n = self.head.reference_names(), 0
+        for s, stage in enumerate(self.stages):
+            for j, layer in enumerate(stage.children()):
+                for child, _ in layer.named_children() if isinstance(layer, ConvNormAct) else [("", layer)]:
+                    if child:
+                        names[f"features.{n}"] = f"stages.{s}.{j}.{child}"
+                    n += 1
+        return names
 
 
 def _make(name: str, batch_norm: bool) -> None:
