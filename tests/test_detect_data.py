@@ -134,5 +134,8 @@ def test_detection_data_resolves_each_published_layout(tmp_path: Path, det_data:
         "aeroplane",
         *split.names[1:],
     ]
-    with pytest.raises(DataError, match="not a detection dataset"):
+    with pytest.raises(DataError, match="no such file or directory"):
         read_detection_data(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"not a box dataset.*Looked for: an ultralytics"):
+        read_detection_data(tmp_path / "empty")

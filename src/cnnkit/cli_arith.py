@@ -59,10 +59,10 @@ def cmd_conv(args: argparse.Namespace) -> int:
         f"the jump to the next layer is x{layer.stride}"
     )
     if layer.uncovered:
-        below, above = ar.fitting_sizes(layer)
+        sizes = " or ".join(map(str, ar.fitting_sizes(layer)))
         print(
             f"note       the last {layer.uncovered} row(s) and column(s) are never covered by a window; "
-            f"inputs of {below} or {above} fit exactly"
+            f"an input of {sizes} fits exactly"
         )
     return 0
 

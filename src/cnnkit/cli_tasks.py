@@ -187,6 +187,14 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from cnnkit.data.formats.convert import convert
+
+    out = convert(args.data, args.to, args.out, strict=args.strict)
+    print(f"wrote {args.data} as {args.to} to {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_anchors(args: argparse.Namespace) -> int:
     from cnnkit.workflows import detect
 
@@ -247,3 +255,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N digits")
     p.set_defaults(func=cmd_data_builtin)
+
+    p = data.add_parser("convert", help="write a box dataset (any readable layout) as YOLO, COCO or VOC")
+    p.add_argument("data", help="the dataset (YOLO, COCO, VOC, LabelMe, CreateML, box CSV)")
+    p.add_argument("--to", required=True, choices=["yolo", "coco", "voc"])
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad annotation")
+    p.set_defaults(func=cmd_data_convert)

@@ -111,14 +111,13 @@ def _dilated(dilation: int) -> str:
     return f" with dilation {dilation}" if dilation > 1 else ""
 
 
-def fitting_sizes(layer: ConvLayer) -> tuple[int, int]:
-    """The nearest input sizes below and above ``layer.n`` that every window covers exactly."""
+def fitting_sizes(layer: ConvLayer) -> list[int]:
+    """The nearest input sizes below and above ``layer.n`` (the one below only when there is one) that
+    the windows cover exactly, with the layer's padding."""
     k, total = effective_kernel(layer.f, layer.dilation), sum(layer.padding)
     below = layer.n - layer.uncovered
     above = below + layer.stride
-    if below + total < k:
-        below = above
-    return below, above
+    return [below, above] if below >= 1 and below + total >= k else [above]
 
 
 @dataclass(frozen=True)

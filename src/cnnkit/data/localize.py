@@ -27,7 +27,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cnnkit.data.detect import DetSample
-from cnnkit.data.formats import read_box_data, sniff_box_format
+from cnnkit.data.formats import box_csv, not_a_box_dataset, read_box_data, sniff_box_format
+from cnnkit.data.formats.coco import is_coco
+from cnnkit.data.formats.tools import is_createml
 from cnnkit.data.images import is_image, read_image
 from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -113,15 +115,17 @@ def largest_objects(samples: Sequence[DetSample], names: Sequence[str]) -> list[
     return out
 
 
-def _is_coco(path: Path) -> bool:
-    """A COCO file is a JSON object; a localization JSON is a list. Only the first bytes are read (COCO
-    files run to hundreds of megabytes, and the reader parses them once)."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    except OSError:
+def _box_file(path: Path) -> bool:
+    """A file the box readers own: a COCO or CreateML JSON, or a CSV with several rows (boxes) for one
+    image; a localization CSV/JSON has one row/entry per image."""
+    if path.suffix == ".json":
+        return is_coco(path) or is_createml(path)
+    cols = box_csv.columns(path)
+    if cols is None:
         return False
-    return head.startswith(b"{")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        images = [row.get(cols[0]) for row in csv.DictReader(f)]
+    return len(set(images)) < len(images)
 
 
 def read_localization(
@@ -131,11 +135,11 @@ def read_localization(
     a folder with ``train.csv`` (+ ``val.csv``), or any box dataset format (YOLO, COCO, Pascal VOC; read
     by the detection readers, the largest box of each image)."""
     source = Path(source)
-    if source.is_file() and source.suffix == ".csv":
+    if source.is_file() and source.suffix == ".csv" and not _box_file(source):
         return read_localization_csv(source), None, None, DataReport()
-    if source.is_file() and source.suffix == ".json" and not _is_coco(source):
+    if source.is_file() and source.suffix == ".json" and not _box_file(source):
         return read_localization_json(source), None, None, DataReport()
-    if source.is_dir() and (source / "train.csv").is_file():
+    if source.is_dir() and (source / "train.csv").is_file() and not _box_file(source / "train.csv"):
         val = source / "val.csv"
         val_samples = read_localization_csv(val) if val.is_file() else None
         return read_localization_csv(source / "train.csv"), val_samples, None, DataReport()
@@ -143,9 +147,8 @@ def read_localization(
         boxes = read_box_data(source, val_fraction=val_fraction, seed=seed, strict=strict)
         train = largest_objects(boxes.train, boxes.names)
         return train, largest_objects(boxes.val, boxes.names), boxes.names, boxes.report
-    raise DataError(
-        f"{source}: expected a localization CSV/JSON, a folder with train.csv, or a box dataset "
-        "(YOLO data.yaml, COCO JSON, Pascal VOC)"
+    raise not_a_box_dataset(
+        source, also="a localization CSV/JSON (one row per image), a folder with train.csv"
     )
 
 
