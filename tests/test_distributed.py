@@ -114,4 +114,4 @@ def test_cli_nproc_2_classify_and_detect_then_resume(
 
     failed = cnnkit_cli("train", "detect", "--data", str(tmp_path / "missing"), *common, threads=1, ok=False)
     assert failed.returncode == 2 and re.search(r"process \d of 2 failed", failed.stderr)
-    assert "not a detection dataset" in failed.stderr
+    assert "no such file or directory" in failed.stderr

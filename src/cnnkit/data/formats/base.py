@@ -187,6 +187,25 @@ def split_of(path: Path, root: Path) -> str | None:
     return None
 
 
+def split_name(path: Path, root: Path) -> str | None:
+    """``train`` / ``val`` / ``test`` from an annotation file's stem (``instances_train2017``,
+    ``valid.csv``) or else a folder between ``root`` and it."""
+    stem = path.stem.lower().replace("instances_", "")
+    for key, split in (("train", "train"), ("valid", "val"), ("val", "val"), ("test", "test")):
+        if stem.startswith(key) or stem.endswith(key) or f"_{key}" in stem:
+            return split
+    return split_of(path, root)
+
+
+def files_by_split(files: Sequence[Path], root: Path) -> dict[str, Path]:
+    """One annotation file per split, by :func:`split_name`; without one named for training, the
+    first file is the training set (and the data has no validation split)."""
+    parts: dict[str, Path] = {}
+    for p in files:
+        parts.setdefault(split_name(p, root) or "all", p)
+    return parts if "train" in parts else {"train": parts.get("all", files[0])}
+
+
 def read_names_file(path: Path) -> list[str]:
     """One class name per line (``classes.txt``, ``obj.names``...), blank lines ignored."""
     return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]

@@ -12,17 +12,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from cnnkit.data.formats.base import (
-    VAL_NAMES,
     BoxFormat,
     DetSample,
     ImageIndex,
     Layout,
     Splits,
+    files_by_split,
     files_under,
     image_size,
     relative,
     sample_from_named,
-    split_of,
 )
 from cnnkit.data.report import DataReport
 
@@ -53,15 +52,7 @@ def _sniff(path: Path) -> Layout | None:
     found = [p for p in files_under(path, ".csv", max_depth=1) if columns(p)]
     if not found:
         return None
-    parts: dict[str, Path] = {}
-    for p in found:
-        stem = p.stem.lower()
-        split = split_of(p, path) or (
-            "train" if stem.startswith("train") else "val" if stem in VAL_NAMES else None
-        )
-        parts.setdefault(split or "train", p)
-    if "train" not in parts:
-        return None
+    parts = files_by_split(found, path)
     return Layout(
         "csv", path, "box CSV " + ", ".join(f"{s}: {relative(p, path)}" for s, p in parts.items()), parts
     )

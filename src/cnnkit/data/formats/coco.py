@@ -16,10 +16,10 @@ from cnnkit.data.formats.base import (
     ImageIndex,
     Layout,
     Splits,
+    files_by_split,
     files_under,
     finish,
     relative,
-    split_of,
 )
 from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
@@ -88,14 +88,6 @@ def read_coco(
     return samples, names, report
 
 
-def _split_of_json(path: Path, root: Path) -> str | None:
-    stem = path.stem.lower().replace("instances_", "")
-    for key, split in (("train", "train"), ("val", "val"), ("valid", "val"), ("test", "test")):
-        if stem.startswith(key) or stem.endswith(key) or f"_{key}" in stem:
-            return split
-    return split_of(path, root)
-
-
 def _sniff(path: Path) -> Layout | None:
     if path.is_file():
         return (
@@ -106,12 +98,7 @@ def _sniff(path: Path) -> Layout | None:
     candidates = [p for p in files_under(path, ".json", max_depth=2) if is_coco(p)]
     if not candidates:
         return None
-    by_split: dict[str, Path] = {}
-    for p in candidates:
-        split = _split_of_json(p, path) or "all"
-        by_split.setdefault(split, p)
-    if "train" not in by_split:
-        by_split = {"train": by_split.get("all", candidates[0])}
+    by_split = files_by_split(candidates, path)
     found = "COCO JSON " + ", ".join(f"{s}: {relative(p, path)}" for s, p in by_split.items())
     return Layout("coco", path, found, by_split)
 
