@@ -128,6 +128,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path: 
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_a_failing_plot_never_ends_a_finished_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen: a matplotlib ValueError while plotting ended a finished run with a traceback."""
+    import cnnkit.engine.callbacks as callbacks
+    import cnnkit.tasks.classify as classify
+
+    def broken(*args: object) -> None:
+        raise ValueError("Axis limits cannot be NaN or Inf")
+
+    monkeypatch.setattr(callbacks, "plot_history", broken)
+    monkeypatch.setattr(classify, "plot_confusion", broken)
+    with caplog.at_level("WARNING"):
+        result = fit(
+            ClassificationTask(2),
+            tiny_model(),
+            blobs(32),
+            blobs(16),
+            CFG.replace(epochs=1, plots=True),
+            tmp_path,
+        )
+    assert result.best.is_file() and (tmp_path / "results.csv").is_file()
+    assert caplog.text.count("not drawn (ValueError: Axis limits cannot be NaN or Inf)") == 2
+
+
 def test_early_stopping(tmp_path: Path) -> None:
     noise = TensorDataset(torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,)))
     result = fit(

@@ -219,7 +219,17 @@ class Plotter(Callback):
 
     def on_fit_end(self, state: FitState) -> None:
         if state.history and state.is_main:
-            plot_history(state.history, state.run_dir / "results.png")
+            drawn_or_logged(plot_history, state.history, state.run_dir / "results.png")
+
+
+def drawn_or_logged(draw: Callable[..., Any], *args: Any) -> None:
+    """Draw a plot; a plot that fails is logged and skipped: it never ends a finished run (the weights
+    and results.csv are written before any plot)."""
+    try:
+        draw(*args)
+    except Exception as exc:  # any plotting failure (matplotlib, a degenerate history) is not fatal
+        name = getattr(draw, "__name__", "a plot")
+        log.warning("%s not drawn (%s: %s); the weights and results are saved", name, type(exc).__name__, exc)
 
 
 def plot_history(history: list[dict[str, float]], path: Path) -> None:

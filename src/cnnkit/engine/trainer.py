@@ -33,6 +33,7 @@ from cnnkit.engine.callbacks import (
     NanGuard,
     Plotter,
     TrainingDiverged,
+    drawn_or_logged,
 )
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
@@ -198,7 +199,7 @@ class Trainer:
                 break
         plots = self.cfg.plots and self.state.is_main and hasattr(self.evaluator, "save_plots")
         if plots:
-            self.evaluator.save_plots(self.run_dir, self.state.metadata.get("class_names"))
+            drawn_or_logged(self.evaluator.save_plots, self.run_dir, self.state.metadata.get("class_names"))
         for hook in self.hooks:
             hook.on_fit_end(self.state)
         if distrib.info().enabled:
