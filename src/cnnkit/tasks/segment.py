@@ -126,7 +126,15 @@ class SegmentationEvaluator:
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     def update(self, logits: torch.Tensor, batch: Any) -> None:
-        self.update_classes(predict_classes(logits), batch[1])
+        """``batch[1]``: masks at the logits' size, or at each image's own size (a tensor or a list):
+        then each image's logits are upsampled to its mask before the argmax."""
+        target = batch[1]
+        if isinstance(target, torch.Tensor) and target.shape[-2:] == logits.shape[-2:]:
+            self.update_classes(predict_classes(logits), target)
+            return
+        for one, mask in zip(logits, target):
+            up = F.interpolate(one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+            self.update_classes(predict_classes(up)[0], mask)
 
     def update_classes(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         valid = target != self.ignore_index
@@ -150,15 +158,20 @@ class SegmentationEvaluator:
         }
 
     def compute(self) -> dict[str, float]:
-        """``miou``/``mdice``: means over classes present in the ground truth or the predictions."""
+        """``miou``/``mdice``: means over classes present in the ground truth or the predictions; a binary
+        task adds the foreground's ``fg_iou``/``fg_dice``."""
         per = self.per_class()
         total = self.confusion.sum()
-        return {
+        out = {
             "miou": float(per["iou"].nanmean()) if total else 0.0,
             "mdice": float(per["dice"].nanmean()) if total else 0.0,
-            "pixel_acc": float(self.confusion.diag().sum() / total.clamp(min=1)),
+            "pixel_acc": float(self.confusion.diag().sum().double() / total.clamp(min=1)),
             "mean_acc": float(per["acc"].nanmean()) if total else 0.0,
         }
+        if self.num_classes == 2:  # a binary task: the foreground's own numbers (class 1)
+            out["fg_iou"] = float(per["iou"][1].nan_to_num(0.0))
+            out["fg_dice"] = float(per["dice"][1].nan_to_num(0.0))
+        return out
 
     def save_plots(self, run_dir: Path, class_names: Sequence[str] | None = None) -> Path:
         from cnnkit.tasks.classify import plot_confusion

@@ -21,6 +21,7 @@ from cnnkit.data.images import iter_frames
 from cnnkit.data.segment import (
     SegmentationDataset,
     SegmentationTransform,
+    collate_segmentation,
     color_map,
     infer_num_classes,
     resolve_segmentation_data,
@@ -70,7 +71,8 @@ class Segment(TaskSpec):
             log.warning("%s", line)
         found = list(names or spec.names or [])
         if not found:
-            found = [str(i) for i in range(infer_num_classes(spec.train, spec.ignore_index, spec.palette))]
+            top = infer_num_classes(spec.train, spec.ignore_index, spec.palette, spec.threshold)
+            found = [str(i) for i in range(top)]
         if opts.binary and len(found) != 2:
             raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(found)}: {found}")
 
@@ -85,12 +87,17 @@ class Segment(TaskSpec):
                 palette=spec.palette,
                 strict=opts.strict,
                 source=f"{opts.data} ({split})",
+                threshold=spec.threshold,
             )
 
         train_set, val_set = dataset(spec.train, True), dataset(spec.val, False)
         skipped = [*spec.report.items, *train_set.skipped.items, *val_set.skipped.items]
-        record = {"ignore_index": spec.ignore_index, "palette": spec.palette}
-        return TaskData(train_set, val_set, found, skipped, record)
+        record = {
+            "ignore_index": spec.ignore_index,
+            "palette": spec.palette,
+            "mask_threshold": spec.threshold,
+        }
+        return TaskData(train_set, val_set, found, skipped, record, collate_fn=collate_segmentation)
 
     def build_model(self, opts: SegmentOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
         classes = 1 if opts.binary else len(data.names or ())
