@@ -179,9 +179,36 @@ def predict(
             m.putpalette(cmap.flatten().tolist())
             mask_file = str(out_dir / "masks" / f"{frame.stem}.png")
             m.save(mask_file)
-            rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
-            colour = cmap[mask].astype(np.float32)
-            blend = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * colour, rgb)
             overlay_file = str(out_dir / "overlays" / f"{frame.stem}.jpg")
-            Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(overlay_file, quality=92)
+            names = meta.get("class_names") or [str(i) for i in range(256)]
+            draw_overlay(image, mask, cmap, names, alpha).save(overlay_file, quality=92)
         yield SegmentPrediction(frame.name, mask, mask_file, overlay_file)
+
+
+def draw_overlay(
+    image: torch.Tensor, mask: np.ndarray, cmap: np.ndarray, names: Sequence[str], alpha: float = 0.5
+) -> Image.Image:
+    """The class colours blended over ``image [3, H, W] uint8`` (background left as it is), with a legend
+    below naming the classes present; small images are enlarged first so the legend stays readable."""
+    from PIL import ImageDraw
+
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
+    blend = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * cmap[mask].astype(np.float32), rgb)
+    picture = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    if picture.width < 256:
+        scale = 256 / picture.width
+        picture = picture.resize((256, max(1, round(picture.height * scale))), Image.Resampling.NEAREST)
+    present = [int(c) for c in np.unique(mask)]
+    rows = max(1, -(-len(present) // 3))
+    canvas = Image.new("RGB", (picture.width, picture.height + 14 * rows + 4), (0, 0, 0))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    col_w = picture.width // 3
+    for k, c in enumerate(present):
+        x, y = 4 + (k % 3) * col_w, picture.height + 3 + 14 * (k // 3)
+        draw.rectangle(
+            (x, y + 1, x + 10, y + 11), fill=tuple(int(v) for v in cmap[c]), outline=(255, 255, 255)
+        )
+        name = names[c] if c < len(names) else str(c)
+        draw.text((x + 14, y), name[: max(4, col_w // 7)], fill=(255, 255, 255))
+    return canvas
