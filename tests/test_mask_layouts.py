@@ -195,3 +195,59 @@ def test_metrics_are_computed_at_each_images_own_resolution(tmp_path: Path) -> N
     iou = tp / (confusion.sum(0) + confusion.sum(1) - confusion.diag()).double()
     assert metrics["miou"] == pytest.approx(float(iou.nanmean()), abs=1e-12)
     assert metrics["pixel_acc"] == pytest.approx(float(tp.sum() / confusion.sum()), abs=1e-12)
+
+
+def test_rect_keeps_the_aspect_ratio_in_training_and_evaluation(tmp_path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cnnkit import create_model
+    from cnnkit.data.segment import SegmentationTransform, fit_long_side
+    from cnnkit.tasks.segment import SegmentationEvaluator
+
+    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    mask = torch.zeros(40, 80, dtype=torch.uint8)
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(80), indexing="ij")
+    mask[((yy - 20) ** 2 + (xx - 40) ** 2) <= 15**2] = 1  # a disc: squashing would make it an ellipse
+    torch.manual_seed(0)
+    for _ in range(5):
+        img, msk = SegmentationTransform(32, train=True, scale=(1.0, 1.0), hflip=0.0, jitter=0.0, rect=True)(
+            image, mask
+        )
+        assert img.shape == (3, 32, 32) and msk.shape == (32, 32)
+        ys, xs = torch.nonzero(msk == 1, as_tuple=True)
+        if len(ys):
+            assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 1  # still round
+    img, full = SegmentationTransform(32, train=False, rect=True)(image, mask)
+    assert img.shape == (3, 32, 32) and torch.equal(full, mask.long())  # mask at its own size
+    assert fit_long_side(40, 80, 32) == (16, 32) and img[:, 16:].abs().sum() == 0  # padded below
+
+    # the evaluator crops the padding off before upsampling: equal to a reference at the original size
+    torch.manual_seed(0)
+    model = create_model("unet_same", num_classes=2, base=4, depth=2).eval()
+    with torch.no_grad():
+        logits = model(img[None])
+    evaluator = SegmentationEvaluator(2, rect=True)
+    evaluator.update(logits, (img[None], [full]))
+    ref = F.interpolate(logits[..., :16, :32], size=(40, 80), mode="bilinear", align_corners=False).argmax(1)[
+        0
+    ]
+    expected = torch.bincount(full.flatten() * 2 + ref.flatten(), minlength=4).view(2, 2)
+    assert torch.equal(evaluator.confusion, expected)
+
+
+def test_a_rect_run_trains_validates_and_predicts_at_each_images_size(tmp_path: Path) -> None:
+    singular(tmp_path / "set")  # 40x32 images
+    cfg = TrainConfig(epochs=1, batch=4, imgsz=32, workers=0, quiet=True, plots=False)
+    result = run.train(
+        "segment",
+        tmp_path / "set",
+        model="unet_same",
+        model_args={"base": 4, "depth": 2},
+        rect=True,
+        cfg=cfg,
+        project=tmp_path / "runs",
+    )
+    assert "fg_iou" in run.val(result.best).metrics
+    (pred,) = run.predict(result.best, [str(tmp_path / "set" / "image" / "0.jpg")], out=str(tmp_path / "p"))
+    assert np.asarray(Image.open(pred.data["mask"])).shape == (32, 40)

@@ -28,13 +28,22 @@ from cnnkit.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def fit_long_side(h: int, w: int, size: int) -> tuple[int, int]:
+    """``(h', w')`` of an ``h x w`` image resized so its long side is ``size``, aspect ratio kept."""
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 class SegmentationTransform:
     """Image and mask transformed together (``tv_tensors.Mask`` gets nearest-neighbour resampling).
 
-    Training: random resized crop (``scale``), horizontal flip, colour jitter on the image only.
-    Evaluation: the image resized to ``imgsz x imgsz`` and the mask kept at its own resolution, so
-    metrics are computed at the original size (predictions are upsampled to it), the way published
-    segmentation results are; ``full_res=False`` resizes the mask too.
+    Square (default): training takes a random resized crop (``scale``) to ``imgsz x imgsz``, evaluation
+    resizes the image to ``imgsz x imgsz``. ``rect``: the aspect ratio is kept: training resizes the
+    long side to ``imgsz`` times a random factor (``sqrt`` of the ``scale`` range around 1) and takes a
+    random ``imgsz x imgsz`` crop (padded where the image is smaller; padded mask pixels are ignored),
+    evaluation resizes the long side to ``imgsz`` and pads the bottom/right to a square. Both flip and
+    jitter colours when training. Evaluation keeps the mask at its own resolution (``full_res``), so
+    metrics are computed at the original size.
     """
 
     def __init__(
@@ -45,23 +54,63 @@ class SegmentationTransform:
         hflip: float = 0.5,
         jitter: float = 0.2,
         full_res: bool = True,
+        rect: bool = False,
+        ignore_index: int = 255,
     ) -> None:
-        steps: list[torch.nn.Module]
+        self.imgsz, self.train, self.rect, self.ignore_index = imgsz, train, rect, ignore_index
         self.image_only = not train and full_res
+        self.zoom = (scale[0] ** 0.5, max(scale[1], 1 / scale[0]) ** 0.5)
+        steps: list[torch.nn.Module] = []
+        if train and not rect:
+            steps = [v2.RandomResizedCrop(imgsz, scale=scale, antialias=True)]
+        elif train:
+            steps = [
+                v2.RandomCrop(
+                    imgsz, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+                )
+            ]
+        elif not rect:
+            steps = [v2.Resize((imgsz, imgsz), antialias=True)]
         if train:
-            steps = [v2.RandomResizedCrop(imgsz, scale=scale, antialias=True), v2.RandomHorizontalFlip(hflip)]
+            steps.append(v2.RandomHorizontalFlip(hflip))
             if jitter > 0:
                 steps.append(v2.ColorJitter(jitter, jitter, jitter))
-        else:
-            steps = [v2.Resize((imgsz, imgsz), antialias=True)]
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self.transform = v2.Compose(steps)
 
+    def _resize(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[Any, Any]:
+        """``rect``: the long side to ``imgsz`` (training: times a random zoom)."""
+        h, w = image.shape[-2:]
+        size = self.imgsz
+        if self.train:
+            size = round(size * float(torch.empty(1).uniform_(*self.zoom)))
+        nh, nw = fit_long_side(h, w, size)
+        image = v2.functional.resize(image, [nh, nw], antialias=True)
+        if not self.image_only:
+            mask = v2.functional.resize(mask, [nh, nw], interpolation=v2.InterpolationMode.NEAREST)
+        return image, mask
+
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        if self.rect:
+            img, msk = self._resize(img, msk)
         if self.image_only:
-            return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), mask.long()
-        img, msk = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).long()
+            out = self.transform(img).as_subclass(torch.Tensor)
+            return (self._pad(out) if self.rect else out), mask.long()
+        img, msk = self.transform(img, msk)
+        img, msk = img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).long()
+        if self.rect and not self.train:  # a resized mask is padded like its image, with ignored pixels
+            h, w = msk.shape[-2:]
+            msk = torch.nn.functional.pad(
+                msk, (0, self.imgsz - w, 0, self.imgsz - h), value=self.ignore_index
+            )
+            img = self._pad(img)
+        return img, msk
+
+    def _pad(self, image: torch.Tensor) -> torch.Tensor:
+        """Evaluation in ``rect``: pad the bottom/right to ``imgsz x imgsz`` with zeros (the mean colour)."""
+        h, w = image.shape[-2:]
+        return torch.nn.functional.pad(image, (0, self.imgsz - w, 0, self.imgsz - h))
 
 
 def collate_segmentation(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from cnnkit.data.segment import fit_long_side
 from cnnkit.tasks.base import ImageTask, Logs
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
@@ -77,6 +78,7 @@ class SegmentationTask(ImageTask):
         ignore_index: int = 255,
         class_weights: Sequence[float] | None = None,
         dice_weight: float = 1.0,
+        rect: bool = False,
     ) -> None:
         if loss not in ("ce", "dice", "focal", "ce+dice"):
             raise ValueError(f"loss must be ce, dice, focal or ce+dice, got {loss!r}")
@@ -85,6 +87,7 @@ class SegmentationTask(ImageTask):
         self.ignore_index = ignore_index
         self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.dice_weight = dice_weight
+        self.rect = rect  # evaluation inputs keep their aspect ratio (see SegmentationTransform)
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] == 1:
@@ -109,7 +112,7 @@ class SegmentationTask(ImageTask):
         return ce + self.dice_weight * dice, {"ce": ce.item(), "dice": dice.item()}
 
     def evaluator(self) -> SegmentationEvaluator:
-        return SegmentationEvaluator(max(self.num_classes, 2), self.ignore_index)
+        return SegmentationEvaluator(max(self.num_classes, 2), self.ignore_index, rect=self.rect)
 
 
 def predict_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -120,9 +123,10 @@ def predict_classes(logits: torch.Tensor) -> torch.Tensor:
 class SegmentationEvaluator:
     """A confusion matrix over valid pixels; IoU, Dice and accuracies derive from it."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, rect: bool = False) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.rect = rect  # inputs were letterboxed (long side, padded bottom/right): crop before upsampling
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     def update(self, logits: torch.Tensor, batch: Any) -> None:
@@ -133,6 +137,10 @@ class SegmentationEvaluator:
             self.update_classes(predict_classes(logits), target)
             return
         for one, mask in zip(logits, target):
+            if self.rect:
+                h, w = mask.shape[-2:]
+                nh, nw = fit_long_side(int(h), int(w), max(one.shape[-2:]))
+                one = one[:, :nh, :nw]
             up = F.interpolate(one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
             self.update_classes(predict_classes(up)[0], mask)
 

@@ -57,11 +57,13 @@ def rebuild_model(meta: dict[str, Any]) -> nn.Module:
     return create_model(meta["model_config"]["name"], **meta["model_config"]["args"])
 
 
-def preprocess(image: torch.Tensor, imgsz: int, meta: dict[str, Any]) -> torch.Tensor:
-    """``[3, H, W] uint8 -> [1, 3, imgsz, imgsz]`` float, resized and normalised as in training."""
+def preprocess(image: torch.Tensor, imgsz: int | tuple[int, int], meta: dict[str, Any]) -> torch.Tensor:
+    """``[3, H, W] uint8 -> [1, 3, h, w]`` float (``imgsz``: ``h = w``, or ``(h, w)``), resized and
+    normalised as in training."""
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["std"]).view(3, 1, 1)
-    x = F.interpolate(image[None].float() / 255, size=(imgsz, imgsz), mode="bilinear", antialias=True)
+    size = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    x = F.interpolate(image[None].float() / 255, size=size, mode="bilinear", antialias=True)
     return (x - mean) / std
 
 

@@ -23,6 +23,7 @@ from cnnkit.data.segment import (
     SegmentationTransform,
     collate_segmentation,
     color_map,
+    fit_long_side,
     infer_num_classes,
     resolve_segmentation_data,
 )
@@ -52,6 +53,7 @@ class SegmentOptions:
     binary: bool = option(False, "two classes as one sigmoid channel")
     fliplr: float = option(0.5, "horizontal flip probability")
     scale: tuple[float, float] = option((0.5, 1.0), "random resized crop: range of the image area kept")
+    rect: bool = option(False, "keep each image's aspect ratio: long side to --imgsz, padded (no squashing)")
     strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
 
@@ -77,7 +79,9 @@ class Segment(TaskSpec):
             raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(found)}: {found}")
 
         def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
-            transform = SegmentationTransform(cfg.imgsz, train, opts.scale, opts.fliplr)
+            transform = SegmentationTransform(
+                cfg.imgsz, train, opts.scale, opts.fliplr, rect=opts.rect, ignore_index=spec.ignore_index
+            )
             split = "train" if train else "val"
             return SegmentationDataset(
                 pairs,
@@ -115,7 +119,9 @@ class Segment(TaskSpec):
     ) -> Task:
         binary = getattr(model, "num_classes", 0) == 1
         classes = 1 if binary else len(data.names or ())
-        return SegmentationTask(classes, opts.loss, data.record["ignore_index"], opts.class_weights)
+        return SegmentationTask(
+            classes, opts.loss, data.record["ignore_index"], opts.class_weights, rect=opts.rect
+        )
 
     def val_report(self, evaluator: SegmentationEvaluator, names: Sequence[str] | None) -> ValReport:
         names = list(names or [str(i) for i in range(evaluator.num_classes)])
@@ -162,6 +168,7 @@ def predict(
     model, meta = load_task_model(weights, "segment")
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
+    rect = bool((meta.get("options") or {}).get("rect", False))
     cmap = color_map(256)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
@@ -170,7 +177,12 @@ def predict(
     for frame in iter_frames(sources):
         image = frame.image
         h, w = image.shape[-2:]
-        logits = prepared(preprocess(image, imgsz, meta)).float()
+        if rect:  # as trained: the long side to imgsz, padded bottom/right; the padding is cropped off
+            nh, nw = fit_long_side(h, w, imgsz)
+            x = F.pad(preprocess(image, (nh, nw), meta), (0, imgsz - nw, 0, imgsz - nh))
+            logits = prepared(x).float()[..., :nh, :nw]
+        else:
+            logits = prepared(preprocess(image, imgsz, meta)).float()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         mask = predict_classes(logits)[0].to(torch.uint8).cpu().numpy()
         mask_file = overlay_file = None
