@@ -251,3 +251,20 @@ def test_a_rect_run_trains_validates_and_predicts_at_each_images_size(tmp_path: 
     assert "fg_iou" in run.val(result.best).metrics
     (pred,) = run.predict(result.best, [str(tmp_path / "set" / "image" / "0.jpg")], out=str(tmp_path / "p"))
     assert np.asarray(Image.open(pred.data["mask"])).shape == (32, 40)
+
+
+def test_builtin_scenes(tmp_path: Path) -> None:
+    from cnnkit.cli import main
+    from cnnkit.data.scenes import SCENE_CLASSES
+
+    assert main(["data", "builtin", "scenes", "--task", "segment", "--out", str(tmp_path / "s")]) == 0
+    spec = resolve_segmentation_data(tmp_path / "s")
+    assert (len(spec.train), len(spec.val)) == (240, 60)
+    assert spec.names == list(SCENE_CLASSES) and spec.threshold is None and spec.ignore_index == 255
+    values = set()
+    for _, mask in spec.train[:20]:
+        m = read_mask(mask)
+        assert m.shape == (96, 128)
+        values |= set(np.unique(m).tolist())
+    assert values == {0, 1, 2, 3, 255}  # every class, and the void outlines
+    assert main(["data", "builtin", "scenes", "--task", "detect", "--out", str(tmp_path / "d")]) == 2

@@ -182,6 +182,12 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
         "landmarks": lambda: builtin.write_landmarks(args.out, seed=args.seed),
         "detect": lambda: builtin.write_detection(args.out, seed=args.seed),
     }
+    if args.name == "scenes":
+        if args.task != "segment":
+            raise CnnkitError("the built-in scenes are a segmentation set: --task segment")
+        from cnnkit.data.scenes import write_scenes
+
+        writers["segment"] = lambda: write_scenes(args.out, seed=args.seed)
     out = writers[args.task]()
     print(f"wrote {args.task} data to {out}", file=sys.stderr)
     return 0
@@ -248,8 +254,10 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_anchors)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
-    p = data.add_parser("builtin", help="write a built-in dataset (from scikit-learn's digits) to disk")
-    p.add_argument("name", choices=["digits"])
+    p = data.add_parser(
+        "builtin", help="write a built-in dataset to disk (digits: every task; scenes: segment)"
+    )
+    p.add_argument("name", choices=["digits", "scenes"])
     p.add_argument("--task", choices=list_tasks(), default="classify")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

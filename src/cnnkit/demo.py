@@ -104,7 +104,7 @@ def _localization(root: Path, classifier: Path) -> Path:
     data = root / "digit-boxes"
     if not (data / "train.csv").is_file():
         write_localization(data, seed=0)
-    cfg = TrainConfig(epochs=6, batch=32, imgsz=48, lr=3e-3, workers=1)
+    cfg = TrainConfig(epochs=16, batch=32, imgsz=48, lr=3e-3, workers=1)
     result = run.train(
         "localize",
         data,
@@ -166,35 +166,37 @@ def _fmt_box(box: tuple[float, ...] | None) -> str:
 
 
 def _segmentation(root: Path) -> tuple[Path, Path]:
-    """Built-in digit scenes -> train a small U-Net -> validate -> predict masks and overlays."""
-    from cnnkit.data.builtin import write_segmentation
+    """Built-in scenes of textured objects -> train a small U-Net keeping the aspect ratio -> validate at
+    full resolution -> predict masks and overlays."""
+    from cnnkit.data.scenes import write_scenes
     from cnnkit.engine import TrainConfig
-    from cnnkit.workflows import run, segment
+    from cnnkit.workflows import run
 
-    print("\n== 3. Semantic segmentation with a U-Net (each digit's pixels labelled with its class)")
-    data = root / "digit-scenes"
+    print("\n== 3. Semantic segmentation with a U-Net (discs, boxes and triangles; void outlines ignored)")
+    data = root / "scenes"
     if not (data / "data.yaml").is_file():
-        write_segmentation(data, seed=0)
-    print(f"data: {data} (images/ + masks/ with train/ and val/, index PNG masks, data.yaml)")
-    cfg = TrainConfig(epochs=16, batch=16, imgsz=48, lr=5e-3, workers=1)
+        write_scenes(data, seed=0)
+    print(f"data: {data} (images/ + masks/ with train/ and val/, 96x128 images, index PNG masks, data.yaml)")
+    cfg = TrainConfig(epochs=10, batch=16, imgsz=64, lr=5e-3, workers=1)
     result = run.train(
         "segment",
         data,
         model="unet_same",
-        model_args={"base": 32, "depth": 3},
+        model_args={"base": 16, "depth": 3},
+        rect=True,
         cfg=cfg,
         project=root,
-        name="digit-scenes",
+        name="scenes",
     )
     report = run.val(result.best, data, workers=1)
     metrics, background = report.metrics, report.per_class[0]
     print(
-        f"validation: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_acc']:.3f}, "
-        f"{background['class']} IoU {background['iou']:.3f}"
+        f"validation (at the images' own 96x128): mIoU {metrics['miou']:.3f}, pixel accuracy "
+        f"{metrics['pixel_acc']:.3f}, {background['class']} IoU {background['iou']:.3f}"
     )
     out = result.run_dir / "predict"
-    samples = sorted((data / "images" / "val").glob("*.png"))[:4]
-    for p in segment.predict(result.best, samples, out=out):
-        classes = sorted(set(p.mask.flatten().tolist()))
-        print(f"predict {Path(p.path).name}: classes {classes} -> {p.overlay_file}")
+    samples = sorted((data / "images" / "val").glob("*.jpg"))[:4]
+    for record in run.predict(result.best, samples, out=out):
+        found = ", ".join(record.data["classes"])
+        print(f"predict {Path(record.data['path']).name}: {found} -> {record.data['overlay']}")
     return result.run_dir, out
