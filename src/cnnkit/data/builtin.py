@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,33 +158,46 @@ def write_segmentation(
     """Write a segmentation set: ``images/{train,val}/*.png``, ``masks/{train,val}/*.png`` and
     ``data.yaml``. Each glyph's pixels are labelled with its digit's class (1-10), background 0; masks
     are palette PNGs (the pixel value is the class, the palette only helps viewing)."""
-    from cnnkit.data.segment import color_map
-
     rng = np.random.default_rng(seed)
     images, labels = load_digits_arrays()
     root = Path(out)
-    palette = color_map(256).flatten().tolist()
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-        for k in range(n):
-            h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-            canvas, placed = place_digits(images, labels, rng, (h, w), glyph_range=glyph_range)
-            mask = np.zeros((h, w), dtype=np.uint8)
-            for glyph, y, x in placed:
-                gh, gw = glyph.mask.shape
-                region = mask[y : y + gh, x : x + gw]
-                region[glyph.mask] = glyph.label + 1
-            Image.fromarray(canvas).save(root / "images" / split / f"{k:05d}.png")
-            m = Image.fromarray(mask, mode="P")
-            m.putpalette(palette)
-            m.save(root / "masks" / split / f"{k:05d}.png")
+
+    def scene() -> tuple[np.ndarray, np.ndarray]:
+        h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+        canvas, placed = place_digits(images, labels, rng, (h, w), glyph_range=glyph_range)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        for glyph, y, x in placed:
+            gh, gw = glyph.mask.shape
+            region = mask[y : y + gh, x : x + gw]
+            region[glyph.mask] = glyph.label + 1
+        return canvas, mask
+
+    write_mask_splits(root, {"train": n_train, "val": n_val}, scene)
     names = ["background", *DIGIT_NAMES]
     (root / "data.yaml").write_text(
         "# built-in digits segmentation (cnnkit data builtin digits --task segment)\n"
         f"names: {names}\nignore_index: 255\n"
     )
     return root
+
+
+def write_mask_splits(
+    root: Path, counts: dict[str, int], render: Callable[[], tuple[np.ndarray, np.ndarray]], ext: str = ".png"
+) -> None:
+    """``images/<split>/<n><ext>`` and ``masks/<split>/<n>.png`` (palette PNGs: the pixel value is the
+    class, the palette only helps viewing) for ``counts[split]`` scenes of ``render()`` each."""
+    from cnnkit.data.segment import color_map
+
+    palette = color_map(256).flatten().tolist()
+    for split, n in counts.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            image, mask = render()
+            Image.fromarray(image).save(root / "images" / split / f"{k:05d}{ext}", quality=90)
+            m = Image.fromarray(mask, mode="P")
+            m.putpalette(palette)
+            m.save(root / "masks" / split / f"{k:05d}.png")
 
 
 def write_localization(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnkit.data.builtin import background
+from cnnkit.data.builtin import background, write_mask_splits
 
 SCENE_CLASSES = ("background", "disc", "box", "triangle")
 _HUES = {1: (0.95, 0.12), 2: (0.55, 0.7), 3: (0.25, 0.4)}  # hue range per class (HSV, wrapping)
@@ -96,20 +96,9 @@ def write_scenes(
 ) -> Path:
     """Write ``images/{train,val}/*.jpg``, ``masks/{train,val}/*.png`` (index PNGs, 255 = void) and a
     ``data.yaml`` with the class names and ``ignore_index: 255``."""
-    from cnnkit.data.segment import color_map
-
     rng = np.random.default_rng(seed)
     root = Path(out)
-    palette = color_map(256).flatten().tolist()
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-        for k in range(n):
-            image, mask = render_scene(rng, *size)
-            Image.fromarray(image).save(root / "images" / split / f"{k:05d}.jpg", quality=90)
-            m = Image.fromarray(mask, mode="P")
-            m.putpalette(palette)
-            m.save(root / "masks" / split / f"{k:05d}.png")
+    write_mask_splits(root, {"train": n_train, "val": n_val}, lambda: render_scene(rng, *size), ext=".jpg")
     (root / "data.yaml").write_text(
         "# built-in segmentation scenes (cnnkit data builtin scenes --task segment)\n"
         f"names: {list(SCENE_CLASSES)}\nignore_index: 255\n"
