@@ -3,6 +3,10 @@
 An inception module runs parallel branches (1x1; 1x1 -> 3x3; 1x1 -> 5x5; pool -> 1x1) on the same
 input and concatenates their outputs along channels. The 1x1 convolutions before the larger kernels
 are bottlenecks: they shrink the channels the expensive convolutions see.
+
+(One file of ~420 lines, on purpose: both versions share the concatenation, the side classifiers and
+their training/transfer logic in ``AuxConvNet``, and the torchvision key maps sit with the modules
+they name.)
 """
 
 from __future__ import annotations
