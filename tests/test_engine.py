@@ -153,6 +153,77 @@ def test_a_failing_plot_never_ends_a_finished_run(
     assert caplog.text.count("not drawn (ValueError: Axis limits cannot be NaN or Inf)") == 2
 
 
+class Improving(ClassificationTask):
+    """Every validation scores higher than the last: each epoch writes a new best."""
+
+    score = 0.0
+
+    def evaluator(self) -> object:  # type: ignore[override]
+        evaluator = super().evaluator()
+        compute = evaluator.compute
+
+        def higher() -> dict[str, float]:
+            Improving.score += 0.01
+            return {**compute(), "top1": Improving.score}
+
+        evaluator.compute = higher  # type: ignore[method-assign]
+        return evaluator
+
+
+def _kill_at_write(monkeypatch: pytest.MonkeyPatch, k: int) -> list[int]:
+    """Make the ``k``-th atomic rename of the run raise (a kill between two files of a checkpoint set)."""
+    import cnnkit.io as io
+
+    real, calls = io.os.replace, [0]
+
+    def replace(src: object, dst: object) -> None:
+        calls[0] += 1
+        if calls[0] == k:
+            raise KeyboardInterrupt(f"killed before write {k}")
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    return calls
+
+
+def test_a_kill_between_any_two_writes_leaves_a_consistent_checkpoint_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen: last.pt named epoch 4 as best while best.safetensors held epoch 2, and the CLI reported
+    epoch 4's score for epoch 2's weights. Killed at every write boundary of a run, then resumed: the
+    best epoch and score reported are always those of the weights in best.safetensors."""
+    from cnnkit.weights import read_metadata
+
+    cfg = CFG.replace(epochs=4, save_period=3)  # best is written in epochs without a resumable state
+    with monkeypatch.context() as m:
+        calls = _kill_at_write(m, 0)
+        fit(Improving(2), tiny_model(), blobs(), blobs(32, 1), cfg, tmp_path / "count")
+    for k in range(1, calls[0] + 1):
+        run_dir = tmp_path / f"kill{k}"
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            _kill_at_write(m, k)
+            fit(Improving(2), tiny_model(), blobs(), blobs(32, 1), cfg, run_dir)
+        last = run_dir / "weights" / "last.pt"
+        if not last.is_file():
+            continue  # killed before the first resumable state: nothing to resume
+        (run_dir / "weights" / ".best.safetensors.abc.tmp").write_bytes(b"half a file")  # a kill's leftover
+        # what the run reports right after resuming (no epoch left to train), then after finishing
+        done = int(torch.load(last, weights_only=True)["epoch"])
+        for epochs in (done, cfg.epochs):
+            result = fit(
+                Improving(2),
+                tiny_model(),
+                blobs(),
+                blobs(32, 1),
+                cfg.replace(epochs=epochs),
+                run_dir,
+                resume=last,
+            )
+            meta = read_metadata(result.best)
+            assert (meta["epoch"], meta["metrics"]["top1"]) == (result.best_epoch, result.best_fitness), k
+        assert not list((run_dir / "weights").glob(".*.tmp")), k
+
+
 def test_early_stopping(tmp_path: Path) -> None:
     noise = TensorDataset(torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,)))
     result = fit(

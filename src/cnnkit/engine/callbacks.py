@@ -167,6 +167,39 @@ class Checkpoint(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         self.saved_epoch = state.epoch
+        if state.is_main:
+            for leftover in state.weights_dir.glob(".*.tmp"):  # the temporary file of a killed save
+                log.info("removing %s, left by an interrupted save", leftover)
+                leftover.unlink(missing_ok=True)
+        if state.epoch > 0:
+            self._reconcile_best(state)
+
+    @staticmethod
+    def _reconcile_best(state: FitState) -> None:
+        """On resume, the best file is the truth about the best epoch: a kill between writing it and
+        writing the resumable state (or a state older than it, with ``--save-period``) leaves the state
+        naming another epoch; the file's own metadata (epoch, metrics) wins, so the score reported is
+        always that of the weights in ``best.safetensors``."""
+        from cnnkit.weights import read_metadata
+
+        best = state.weights_dir / "best.safetensors"
+        meta = read_metadata(best) if best.is_file() else {}
+        epoch, fitness = meta.get("epoch"), (meta.get("metrics") or {}).get(state.fitness_key)
+        if epoch is None or fitness is None:
+            if state.best_epoch:
+                log.warning("%s is missing: the next improvement writes it", best)
+                state.best_epoch, state.best_fitness = 0, -math.inf
+            return
+        if int(epoch) != state.best_epoch:
+            log.warning(
+                "the resumable state names epoch %d as best, %s holds epoch %d (%s %.4f): using the file's",
+                state.best_epoch,
+                best,
+                int(epoch),
+                state.fitness_key,
+                float(fitness),
+            )
+            state.best_epoch, state.best_fitness = int(epoch), float(fitness)
 
     def on_epoch_end(self, state: FitState) -> None:
         final = state.epoch >= state.epochs or state.stop
