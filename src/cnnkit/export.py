@@ -181,6 +181,8 @@ def export(
     check = sample if sample is not None else torch.randn(2 if dynamic_batch else 1, in_chans, size, size)
     suffix = ".onnx" if format == "onnx" else ".torchscript"
     path = Path(out) if out is not None else Path(weights).with_suffix(suffix)
+    if path.resolve() == Path(weights).resolve():
+        raise CnnkitError(f"{path}: --out is the input weights file; exporting there would overwrite it")
     with torch.no_grad():
         reference = _outputs(net(check))
     names = ("detections",) if nms else ("boxes", "scores") if task == "detect" else ("output",)

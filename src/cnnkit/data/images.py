@@ -139,6 +139,41 @@ class Frame:
         return self.path.stem if self.index is None else f"{self.path.stem}_{self.index:06d}"
 
 
+class OutputNames:
+    """The files a prediction writes under ``out``: named after each input's stem, made unique within the
+    run (``img``, ``img_2``, ...: ``a/img.png``, ``a/img.jpg`` and ``b/img.png`` never share an output),
+    and never onto an input file (refused with the path)."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.assigned: dict[str, str] = {}  # input (frame name) -> output stem
+        self.inputs: set[Path] = set()
+
+    def path(self, frame: Frame, suffix: str, folder: str = "") -> Path:
+        """``out/folder/<unique stem><suffix>`` for ``frame`` (the same stem for all of its files)."""
+        assert self.out is not None
+        self.inputs.add(frame.path.resolve())
+        stem = self.assigned.get(frame.name)
+        if stem is None:
+            taken = set(self.assigned.values())
+            stem, k = frame.stem, 1
+            while stem in taken:
+                k += 1
+                stem = f"{frame.stem}_{k}"
+            if k > 1:
+                log.info(
+                    "%s shares its name with an earlier input: its results are named %s", frame.name, stem
+                )
+            self.assigned[frame.name] = stem
+        target = self.out / folder / f"{stem}{suffix}"
+        if target.resolve() in self.inputs:
+            raise DataError(
+                f"{target}: writing a prediction there would overwrite an input; choose another --out"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+
 def iter_frames(sources: Iterable[str | os.PathLike[str]]) -> Iterator[Frame]:
     """Decoded images and video frames of files, folders and globs, one at a time (nothing is held
     beyond the current frame). An unreadable image or a broken video is logged and skipped."""

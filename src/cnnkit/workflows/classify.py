@@ -15,7 +15,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
-from cnnkit.data.images import iter_frames
+from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.data.transforms import AugmentConfig, classify_eval_transform, classify_train_transform
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
@@ -272,6 +272,7 @@ def predict(
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
     k = min(topk, len(names))
     out_dir = Path(out) if out is not None else None
+    names_out = OutputNames(out_dir)
     frames: list[Any] = []
     tensors: list[torch.Tensor] = []
 
@@ -281,7 +282,7 @@ def predict(
         for frame, values, indices in zip(frames, top.values.tolist(), top.indices.tolist()):
             topk = [(names[i], round(v, 6)) for v, i in zip(values, indices)]
             drawn = (
-                None if out_dir is None else str(draw_topk(frame.image, topk, out_dir / f"{frame.stem}.jpg"))
+                None if out_dir is None else str(draw_topk(frame.image, topk, names_out.path(frame, ".jpg")))
             )
             yield Prediction(frame.name, topk, drawn)
         frames.clear()

@@ -23,7 +23,7 @@ from cnnkit.api import create_model
 from cnnkit.data.detect import DetSample
 from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
 from cnnkit.data.formats import BoxData, read_box_data
-from cnnkit.data.images import iter_frames
+from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
@@ -271,8 +271,7 @@ def predict(
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    names_out = OutputNames(out_dir)
     for frame in iter_frames(sources):
         image = frame.image
         boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
@@ -290,7 +289,7 @@ def predict(
             classes,
         )
         if out_dir is not None:
-            drawn = out_dir / f"{frame.stem}.jpg"
+            drawn = names_out.path(frame, ".jpg")
             draw_detections(image, pred, drawn)
             pred = DetPrediction(pred.path, pred.boxes, pred.scores, pred.labels, pred.classes, str(drawn))
         yield pred

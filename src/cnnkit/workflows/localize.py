@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import split_dataset
-from cnnkit.data.images import iter_frames
+from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.data.localize import LandmarkDataset, LocalizationDataset, read_landmarks, read_localization
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
@@ -228,8 +228,7 @@ def predict(
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    names_out = OutputNames(out_dir)
     for frame in iter_frames(sources):
         image = frame.image
         h, w = image.shape[-2:]
@@ -247,7 +246,7 @@ def predict(
             points = [(float(px * w), float(py * h)) for px, py in y[0].tolist()]
             pred = LocPrediction(frame.name, 1.0, None, 1.0, None, points, None)
         if out_dir is not None:
-            drawn = out_dir / f"{frame.stem}.png"
+            drawn = names_out.path(frame, ".png")
             draw_prediction(image, pred, drawn)
             pred = LocPrediction(
                 pred.path, pred.object_prob, pred.label, pred.class_prob, pred.box, pred.points, str(drawn)

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from cnnkit.api import create_model
-from cnnkit.data.images import iter_frames
+from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.data.segment import (
     SegmentationDataset,
     SegmentationTransform,
@@ -171,9 +171,7 @@ def predict(
     rect = bool((meta.get("options") or {}).get("rect", False))
     cmap = color_map(256)
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    names_out = OutputNames(out_dir)
     for frame in iter_frames(sources):
         image = frame.image
         h, w = image.shape[-2:]
@@ -189,9 +187,9 @@ def predict(
         if out_dir is not None:
             m = Image.fromarray(mask, mode="P")
             m.putpalette(cmap.flatten().tolist())
-            mask_file = str(out_dir / "masks" / f"{frame.stem}.png")
+            mask_file = str(names_out.path(frame, ".png", "masks"))
             m.save(mask_file)
-            overlay_file = str(out_dir / "overlays" / f"{frame.stem}.jpg")
+            overlay_file = str(names_out.path(frame, ".jpg", "overlays"))
             names = meta.get("class_names") or [str(i) for i in range(256)]
             draw_overlay(image, mask, cmap, names, alpha).save(overlay_file, quality=92)
         yield SegmentPrediction(frame.name, mask, mask_file, overlay_file)
