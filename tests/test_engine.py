@@ -128,6 +128,38 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path: 
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+class PoisonBatchNorm(Callback):
+    """From epoch ``epoch`` on, a BatchNorm's running variance overflows (seen with --lr 1e6: 12 inf
+    BatchNorm tensors saved in last and best while the training loss stayed finite)."""
+
+    def __init__(self, model: nn.Module, epoch: int) -> None:
+        self.model, self.epoch = model, epoch
+
+    def after_step(self, state: FitState) -> None:
+        if state.epoch + 1 >= self.epoch:
+            bn = next(m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+
+
+def test_non_finite_weights_are_never_saved_as_good(tmp_path: Path) -> None:
+    model = tiny_model()
+    with pytest.raises(TrainingDiverged, match=r"at epoch 2: 1 weight tensors became non-finite \(stem"):
+        fit(
+            ClassificationTask(2),
+            model,
+            blobs(),
+            blobs(32, 1),
+            CFG,
+            tmp_path,
+            callbacks=[PoisonBatchNorm(model, 2)],
+        )
+    state = torch.load(tmp_path / "weights" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    for name in ("last.safetensors", "best.safetensors"):
+        saved = load_file(tmp_path / "weights" / name)
+        assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point()), name
+
+
 def test_a_failing_plot_never_ends_a_finished_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -215,6 +215,7 @@ class Checkpoint(Callback):
         assert state.training_state is not None and state.eval_model is not None
         if not state.is_main or not (last or state.improved):
             return
+        _refuse_non_finite(state)
         meta = {**state.metadata, "epoch": state.epoch, "metrics": state.metrics}
         written = save_weights(
             state.eval_model, state.weights_dir / f"{'last' if last else 'best'}.safetensors", meta
@@ -230,6 +231,29 @@ class Checkpoint(Callback):
             with atomic_path(state.weights_dir / "last.pt") as tmp:
                 torch.save(state.training_state(), tmp)
             self.saved_epoch = state.epoch
+
+
+def _refuse_non_finite(state: FitState) -> None:
+    """Nothing non-finite is saved as good: weights or BatchNorm statistics that became inf/NaN (or a
+    validation loss that did) stop the run as a divergence, and the files on disk keep the last finite
+    epoch."""
+    assert state.eval_model is not None
+    bad = [
+        name
+        for name, t in state.eval_model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    losses = [k for k, v in state.metrics.items() if "loss" in k and not math.isfinite(v)]
+    if not bad and not losses:
+        return
+    what = f"{len(bad)} weight tensors became non-finite ({', '.join(bad[:3])})" if bad else ""
+    what += ("; " if what else "") + (f"{', '.join(losses)} is not finite" if losses else "")
+    last = state.weights_dir / "last.pt"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"at epoch {state.epoch}: {what}; nothing of this epoch was saved, {kept}. Lower --lr, enable "
+        "--grad-clip, or check the labels."
+    )
 
 
 class EarlyStopping(Callback):
