@@ -97,12 +97,15 @@ class NanGuard(Callback):
         loss = state.window_loss
         if loss is None or bool(torch.isfinite(loss)):
             return
-        last = state.weights_dir / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}; {kept}. "
-            "Lower --lr, enable --grad-clip, or check the labels."
-        )
+        raise diverged(state, f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
+
+
+def diverged(state: FitState, what: str) -> TrainingDiverged:
+    """The error of a diverged run: what happened, which checkpoint on disk is the last good one, and
+    what to try."""
+    last = state.weights_dir / "last.pt"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    return TrainingDiverged(f"{what}; {kept}. Lower --lr, enable --grad-clip, or check the labels.")
 
 
 class GradClip(Callback):
@@ -248,12 +251,7 @@ def _refuse_non_finite(state: FitState) -> None:
         return
     what = f"{len(bad)} weight tensors became non-finite ({', '.join(bad[:3])})" if bad else ""
     what += ("; " if what else "") + (f"{', '.join(losses)} is not finite" if losses else "")
-    last = state.weights_dir / "last.pt"
-    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-    raise TrainingDiverged(
-        f"at epoch {state.epoch}: {what}; nothing of this epoch was saved, {kept}. Lower --lr, enable "
-        "--grad-clip, or check the labels."
-    )
+    raise diverged(state, f"at epoch {state.epoch}: {what}; nothing of this epoch was saved")
 
 
 class EarlyStopping(Callback):

@@ -114,7 +114,6 @@ class Detect(TaskSpec):
         ds = read_box_data(
             opts.data or ".", val=opts.val, val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
-        _report_data(ds, str(opts.data))
         augment = DetAugment(
             scale=opts.scale,
             translate=opts.translate,
@@ -221,21 +220,6 @@ def _task(
         noobj_weight=opts.noobj_weight,
         **eval_args,
     )
-
-
-def _report_data(data: DetectionData, source: str) -> None:
-    log.info(
-        "%s: %d training and %d validation images, %d classes; %s",
-        source,
-        len(data.train),
-        len(data.val),
-        len(data.names),
-        data.report.summary(),
-    )
-    for line in data.report.problems[:20]:
-        log.warning("%s", line)
-    if len(data.report.problems) > 20:
-        log.warning("... and %d more problems (see skipped.txt)", len(data.report.problems) - 20)
 
 
 @dataclass(frozen=True)

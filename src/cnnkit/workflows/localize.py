@@ -3,7 +3,6 @@ specs, which share a backbone-plus-head model, and ``predict`` (with drawn boxes
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from cnnkit.tasks.base import Task
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
 from cnnkit.workflows.common import load_task_model, preprocess
 from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, option, register_task
-
-log = logging.getLogger("cnnkit")
 
 VAL_FRACTION = "seeded validation split when the data has none"
 PRETRAINED_BACKBONE = "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
@@ -109,8 +106,6 @@ class Localize(_OneObject):
         train, val, found, report = read_localization(
             opts.data or ".", val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
-        for line in report.problems[:20]:
-            log.warning("%s", line)
         train, val = _split(train, val, opts.val_fraction, cfg.seed)
         names = list(names or found or sorted({s.label for s in train if s.label is not None}))
         if not names:

@@ -111,10 +111,23 @@ def read_box_data(
         tr, va = split_dataset(len(train), val_fraction, seed)
         train, val_samples = [train[i] for i in tr], [train[i] for i in va]
         how = f"no validation split: seeded {100 - 100 * val_fraction:.0f}/{100 * val_fraction:.0f} split"
-    log.info("%s: %s; %s", data, layout.found, how)
     if not train:
         first = f"; first: {report.problems[0]}" if report.problems else ""
         raise DataError(f"{data}: {layout.found}, but no usable training image ({report.summary()}){first}")
+    log.info(
+        "%s: %s; %s: %d training and %d validation images, %d classes; %s",
+        data,
+        layout.found,
+        how,
+        len(train),
+        len(val_samples),
+        len(names),
+        report.summary(),
+    )
+    for line in report.problems[:20]:
+        log.warning("%s", line)
+    if len(report.problems) > 20:
+        log.warning("... and %d more problems (see the run's skipped.txt)", len(report.problems) - 20)
     return BoxData(train, val_samples, names, report, layout.format, layout.found)
 
 

@@ -109,23 +109,31 @@ def sample_from_named(
     return DetSample(image, b, lab, size)
 
 
+def files_under(root: Path, keep: Callable[[str], bool] | str, max_depth: int = 3) -> list[Path]:
+    """Files below ``root`` (hidden folders skipped, ``max_depth`` folders deep) whose name ``keep``
+    accepts, or ends with ``keep`` when it is a suffix; sorted."""
+    wanted = keep if callable(keep) else (lambda name: name.lower().endswith(keep))
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
+        out += [Path(dirpath) / f for f in filenames if wanted(f)]
+    return sorted(out)
+
+
 def images_under(root: Path, max_depth: int = 3) -> list[Path]:
     """Image files below ``root`` (hidden folders skipped), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
-        out += [Path(dirpath) / f for f in filenames if is_image(f)]
-    return sorted(out)
+    return files_under(root, is_image, max_depth)
 
 
-def files_under(root: Path, suffix: str, max_depth: int = 3) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
-        out += [Path(dirpath) / f for f in filenames if f.lower().endswith(suffix)]
-    return sorted(out)
+def file_head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of a file, BOM and leading whitespace dropped (``b""`` if unreadable):
+    enough for a sniffer to tell a format without parsing a file that may run to hundreds of MB."""
+    try:
+        with path.open("rb") as f:
+            return f.read(size).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return b""
 
 
 class ImageIndex:

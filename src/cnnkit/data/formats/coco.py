@@ -16,6 +16,7 @@ from cnnkit.data.formats.base import (
     ImageIndex,
     Layout,
     Splits,
+    file_head,
     files_by_split,
     files_under,
     finish,
@@ -27,11 +28,7 @@ from cnnkit.errors import DataError
 
 def is_coco(path: Path) -> bool:
     """A JSON object whose top level has ``images`` and ``annotations`` (read only as far as needed)."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
-    except OSError:
-        return False
+    head = file_head(path, 1 << 16)
     return head.startswith(b"{") and (b'"images"' in head or b'"annotations"' in head)
 
 

@@ -14,6 +14,7 @@ from cnnkit.data.formats.base import (
     ImageIndex,
     Layout,
     Splits,
+    file_head,
     files_under,
     image_size,
     relative,
@@ -28,14 +29,6 @@ def _load(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-
-
-def _head(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    except OSError:
-        return b""
 
 
 def _splits(groups: dict[str, list[DetSample]], names: list[str], report: DataReport) -> Splits:
@@ -60,7 +53,7 @@ def _labelme_box(shape: dict[str, Any]) -> list[float] | None:
 def _sniff_labelme(path: Path) -> Layout | None:
     if not path.is_dir():
         return None
-    files = [p for p in files_under(path, ".json", max_depth=2) if b'"shapes"' in _head(p)]
+    files = [p for p in files_under(path, ".json", max_depth=2) if b'"shapes"' in file_head(p)]
     if not files:
         return None
     folders = sorted({relative(p.parent, path) for p in files})
@@ -97,7 +90,7 @@ def _read_labelme(layout: Layout, strict: bool) -> Splits:
 
 # -- CreateML ----------------------------------------------------------------------------------------------
 def is_createml(path: Path) -> bool:
-    head = _head(path)
+    head = file_head(path)
     return head.startswith(b"[") and b'"annotations"' in head and b'"image"' in head
 
 

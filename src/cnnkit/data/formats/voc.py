@@ -18,6 +18,7 @@ from cnnkit.data.formats.base import (
     ImageIndex,
     Layout,
     Splits,
+    file_head,
     files_under,
     image_size,
     read_names_file,
@@ -116,11 +117,7 @@ def class_list(root: Path) -> list[str] | None:
 
 
 def _is_voc_xml(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return b"<annotation" in f.read(2048)
-    except OSError:
-        return False
+    return b"<annotation" in file_head(path, 2048)
 
 
 def _sniff(path: Path) -> Layout | None:
