@@ -11,13 +11,12 @@ samples. Paths inside annotation files resolve relative to that file.
 
 from __future__ import annotations
 
-from cnnkit.data.formats.base import DetSample, finish, image_size
+from cnnkit.data.formats.base import DetSample
 from cnnkit.data.formats.coco import read_coco
 from cnnkit.data.formats.voc import VOC_CLASSES, read_voc
-from cnnkit.data.formats.yolo import label_path, read_yolo
+from cnnkit.data.formats.yolo import read_yolo
 from cnnkit.data.report import DataReport
 
 DetReport = DataReport  # the name of the first release
-_finish, _image_size, _label_path = finish, image_size, label_path
 
 __all__ = ["VOC_CLASSES", "DetReport", "DetSample", "read_coco", "read_voc", "read_yolo"]

@@ -7,6 +7,7 @@ the first problem into a :class:`~cnnkit.errors.DataError`); the run lists every
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +55,17 @@ class DataReport:
 
     def report(self) -> str:
         return "\n".join(self.problems)
+
+    def log_problems(self, logger: logging.Logger, limit: int | None = 20) -> None:
+        """Warn about each sample left out (the first ``limit``; all of them are in the run's
+        ``skipped.txt``)."""
+        shown = self.problems if limit is None else self.problems[:limit]
+        for line in shown:
+            logger.warning("%s", line)
+        if len(self.problems) > len(shown):
+            logger.warning(
+                "... and %d more problems (see the run's skipped.txt)", len(self.problems) - len(shown)
+            )
 
     def summary(self) -> str:
         parts = []

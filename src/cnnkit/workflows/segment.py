@@ -69,8 +69,7 @@ class Segment(TaskSpec):
     ) -> TaskData:
         """Train and val pairs; class names from data.yaml, the run being resumed, or the masks."""
         spec = resolve_segmentation_data(opts.data or ".", opts.val_fraction, cfg.seed)
-        for line in spec.report.problems:
-            log.warning("%s", line)
+        spec.report.log_problems(log, limit=None)
         found = list(names or spec.names or [])
         if not found:
             top = infer_num_classes(spec.train, spec.ignore_index, spec.palette, spec.threshold)

@@ -124,10 +124,7 @@ def read_box_data(
         len(names),
         report.summary(),
     )
-    for line in report.problems[:20]:
-        log.warning("%s", line)
-    if len(report.problems) > 20:
-        log.warning("... and %d more problems (see the run's skipped.txt)", len(report.problems) - 20)
+    report.log_problems(log)
     return BoxData(train, val_samples, names, report, layout.format, layout.found)
 
 

@@ -53,6 +53,14 @@ class Splits:
     report: DataReport
 
 
+def splits_of(groups: dict[str, list[DetSample]], names: list[str], report: DataReport) -> Splits:
+    """Samples grouped by the split their files were found in: ``train`` and ``val`` (else ``test``)
+    when there is a training group, else all of them as training data without a validation split."""
+    if "train" in groups:
+        return Splits(groups["train"], groups.get("val", groups.get("test")), names, report)
+    return Splits([s for g in groups.values() for s in g], None, names, report)
+
+
 @dataclass(frozen=True)
 class BoxFormat:
     name: str

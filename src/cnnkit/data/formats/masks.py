@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cnnkit.data.classify import split_dataset
-from cnnkit.data.formats.base import SPLIT_NAMES, VAL_NAMES, relative
+from cnnkit.data.formats.base import SPLIT_NAMES, VAL_NAMES, images_under, relative
 from cnnkit.data.images import is_image
 from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
@@ -109,9 +109,7 @@ def _find_masks(root: Path) -> Path | None:
     """The first mask-named folder that holds images (VOC's ``Annotations/`` holds xml, not masks)."""
     for name in MASK_DIRS:
         d = _find(root, (name,))
-        if d is not None and any(
-            is_image(p) for p in [*d.iterdir(), *(q for s in d.iterdir() if s.is_dir() for q in s.iterdir())]
-        ):
+        if d is not None and images_under(d, max_depth=1):  # its images, or those of its split folders
             return d
     return None
 

@@ -20,6 +20,7 @@ from cnnkit.data.formats.base import (
     relative,
     sample_from_named,
     split_of,
+    splits_of,
 )
 from cnnkit.data.report import DataReport
 
@@ -29,12 +30,6 @@ def _load(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-
-
-def _splits(groups: dict[str, list[DetSample]], names: list[str], report: DataReport) -> Splits:
-    if "train" in groups:
-        return Splits(groups["train"], groups.get("val", groups.get("test")), names, report)
-    return Splits([s for g in groups.values() for s in g], None, names, report)
 
 
 # -- LabelMe -----------------------------------------------------------------------------------------------
@@ -85,7 +80,7 @@ def _read_labelme(layout: Layout, strict: bool) -> Splits:
         sample = sample_from_named(image, size, objects, lookup, str(path), report, strict)
         if sample is not None:
             groups.setdefault(split_of(path, layout.root) or "all", []).append(sample)
-    return _splits(groups, names, report)
+    return splits_of(groups, names, report)
 
 
 # -- CreateML ----------------------------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def _read_createml(layout: Layout, strict: bool) -> Splits:
         sample = sample_from_named(image, size, objects, lookup, f"{path}#{name}", report, strict)
         if sample is not None:
             groups.setdefault(split_of(path, layout.root) or "all", []).append(sample)
-    return _splits(groups, names, report)
+    return splits_of(groups, names, report)
 
 
 LABELME = BoxFormat(

@@ -23,6 +23,7 @@ from cnnkit.data.formats.base import (
     read_names_file,
     relative,
     split_of,
+    splits_of,
 )
 from cnnkit.data.images import is_image
 from cnnkit.data.report import DataReport
@@ -250,10 +251,7 @@ def _read_plain(layout: Layout, strict: bool) -> Splits:
         s: read_yolo_images(imgs, names, strict=strict, report=report, require_labels=beside)[0]
         for s, imgs in groups.items()
     }
-    if "train" in read:
-        val = read.get("val", read.get("test"))
-        return Splits(read["train"], val, names, report)
-    return Splits([s for imgs in read.values() for s in imgs], None, names, report)
+    return splits_of(read, names, report)
 
 
 def _top_class(label_file: Path) -> int:
