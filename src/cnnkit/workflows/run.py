@@ -159,12 +159,9 @@ def val(
 
 
 def _spec_of(weights: str | os.PathLike[str], task: str | None) -> TaskSpec:
-    """The spec of the task ``weights`` were trained for (files without a task are classifiers); with
-    ``task``, weights of another task are refused."""
-    found = read_metadata(weights).get("task") or "classify"
-    if task is not None and task != found:
-        raise CnnkitError(f"{weights} holds a {found} model, not a {task} model")
-    return get_task(found)
+    """``task``'s spec, else that of the task ``weights`` were trained for (files without a task are
+    classifiers); weights of another task are refused where the model is loaded (``load_task_model``)."""
+    return get_task(task or read_metadata(weights).get("task") or "classify")
 
 
 def _drop_val(options: Any) -> dict[str, Any]:
