@@ -191,3 +191,21 @@ def test_imports_point_down() -> None:
             if target and _layer(target) > here and (module, target) != ("registry", "models"):
                 upward.append(f"{module} -> {target}")
     assert upward == []
+
+
+def test_weights_of_another_task_are_refused_by_val_and_predict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cnnkit
+
+    weights = cnnkit.save_weights(
+        cnnkit.create_model("resnet18", num_classes=2, width=0.125),
+        tmp_path / "c.safetensors",
+        {"task": "classify"},
+    )
+    for verb in (
+        ["val", "segment", "--weights", str(weights)],
+        ["predict", "detect", "--weights", str(weights), "x.png"],
+    ):
+        assert main(verb) == 2
+        assert "holds a classify model, not a" in capsys.readouterr().err
