@@ -20,6 +20,7 @@ from cnnkit.data.localize import (
     read_localization,
     read_localization_csv,
 )
+from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 from cnnkit.sliding import detect_windows, save_heatmap, to_fully_convolutional
 from cnnkit.tasks.localize import LandmarkEvaluator, LocalizationEvaluator, LocalizationTask, wing_loss
@@ -90,8 +91,11 @@ def test_localization_csv_json_yolo_and_voc(tmp_path: Path) -> None:
     samples = read_localization_csv(tmp_path / "l.csv")
     assert samples[0].label == "cat" and samples[0].box == (4, 2, 20, 18) and samples[1].label is None
     (tmp_path / "bad.csv").write_text("image,class,x1,y1,x2,y2\na.png,cat,4,2,x,18\n")
+    report = DataReport()
+    assert read_localization_csv(tmp_path / "bad.csv", report) == []  # the row is skipped, and said
+    assert report.problems[0].startswith(f"{tmp_path / 'bad.csv'}:2: box")
     with pytest.raises(DataError, match=r"bad.csv:2: box"):
-        read_localization_csv(tmp_path / "bad.csv")
+        read_localization_csv(tmp_path / "bad.csv", strict=True)
     (tmp_path / "l.json").write_text(
         json.dumps(
             [{"image": "a.png", "class": "dog", "box": [1, 1, 5, 5]}, {"image": "a.png", "class": None}]
@@ -175,9 +179,12 @@ def test_landmark_csv_68_points_and_invisible_points(tmp_path: Path) -> None:
     (tmp_path / "faces.csv").write_text(header + "\nf.jpg," + ",".join(values) + "\n")
     (s,) = read_landmarks_csv(tmp_path / "faces.csv")
     assert s.points.shape == (68, 2) and not s.visible[0] and not s.visible[1] and s.visible[2:].all()
-    (tmp_path / "bad.csv").write_text("image,x0,y0\nf.jpg,1\n")
+    (tmp_path / "bad.csv").write_text("image,x0,y0\nf.jpg,1\nf.jpg,oops,2\nf.jpg,3,4\n")
+    report = DataReport()
+    assert len(read_landmarks_csv(tmp_path / "bad.csv", report)) == 1  # text is not an invisible point
+    assert [p.split(": ")[0] for p in report.problems] == [f"{tmp_path / 'bad.csv'}:{n}" for n in (2, 3)]
     with pytest.raises(DataError, match=r"bad.csv:2"):
-        read_landmarks_csv(tmp_path / "bad.csv")
+        read_landmarks_csv(tmp_path / "bad.csv", strict=True)
     outside = read_landmarks_csv(tmp_path / "faces.csv")
     far = type(outside[0])(outside[0].path, outside[0].points.clone(), outside[0].visible.clone())
     far.points[5] = torch.tensor([80.0, 10.0])  # beyond the 50 px image

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from cnnkit.data.images import is_image, read_image, verify_image
+from cnnkit.data.images import first_readable, is_image, keep_readable, read_image
 from cnnkit.data.report import DataReport
+from cnnkit.data.walk import walk_files
 from cnnkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -23,18 +24,32 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 Skipped = DataReport  # the name of the first release
 
 
-def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``root/<class>/**/<image>`` -> ``(samples, class_names)``, classes sorted by folder name."""
+def scan_image_folder(
+    root: str | os.PathLike[str], *, empty_ok: bool = False
+) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``root/<class>/**/<image>`` -> ``(samples, class_names)``, classes sorted by folder name.
+
+    A class folder without images is an error (it would be a class the model never sees), or with
+    ``empty_ok`` (a validation folder, whose classes come from the training data) a warning."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory (expected one folder per class)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class folders found (expected {root}/<class name>/<images>)")
-    samples = []
+    samples, empty = [], []
     for idx, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
-            samples += [(Path(dirpath) / f, idx) for f in sorted(files) if is_image(f)]
+        files = walk_files(root / name, is_image, within=root)
+        if not files:
+            empty.append(name)
+        samples += [(f, idx) for f in files]
+    if empty and empty_ok:
+        log.warning("%s: class folders %s hold no images", root, empty)
+    elif empty:
+        raise DataError(
+            f"{root}: class folders {empty} hold no images; add images or remove the folders "
+            "(an empty folder would be a class the model can never learn)"
+        )
     return samples, classes
 
 
@@ -99,13 +114,7 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
         self.class_names = list(class_names)
         self.transform = transform
         self.skipped = DataReport()
-        good = []
-        for path, label in samples:
-            reason = verify_image(path) if verify else None
-            if reason is None:
-                good.append((path, label))
-            else:
-                self.skipped.add(path, reason)
+        good = keep_readable(samples, lambda s: s[0], self.skipped) if verify else list(samples)
         if self.skipped:
             log.warning(
                 "%s: skipped %d unreadable images:\n%s", source, len(self.skipped), self.skipped.report()
@@ -155,15 +164,8 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
         return read_image(path), label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                img, label = self.load(i)
-            except DataError as exc:
-                log.warning("skipping unreadable image: %s", exc)
-                continue
-            return (self.transform(img) if self.transform else img), label
-        raise DataError("no image of the dataset could be decoded")
+        img, label = first_readable(index, len(self.samples), self.load)
+        return (self.transform(img) if self.transform else img), label
 
 
 def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

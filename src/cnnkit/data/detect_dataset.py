@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cnnkit.data.detect import DetSample
-from cnnkit.data.images import read_image
+from cnnkit.data.images import first_readable, read_image
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
 
@@ -109,20 +109,17 @@ class DetectionDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(image uint8, boxes [n, 4], labels [n], index used)`` of the first decodable image from
         ``index`` on."""
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+
+        def read(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
             s = self.samples[i]
-            try:
-                image = read_image(s.path)
-            except DataError as exc:
-                log.warning("skipping unreadable image: %s", exc)
-                continue
+            image = read_image(s.path)
             boxes = s.boxes
             h, w = image.shape[-2:]
             if (h, w) != s.size:  # e.g. EXIF-rotated after the annotation's size was read
                 boxes = boxes * boxes.new_tensor([w / s.size[1], h / s.size[0]] * 2)
             return image, boxes.float(), s.labels, i
-        raise DataError("no image of the dataset could be decoded")
+
+        return first_readable(index, len(self.samples), read)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.train and self.aug.mosaic > 0 and float(torch.rand(())) < self.aug.mosaic:

@@ -7,23 +7,28 @@ RGBA, palette and 16-bit images all come out as 8-bit RGB.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cnnkit.data.report import DataReport
+from cnnkit.data.walk import walk_files
 from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _FAST = {".jpg", ".jpeg", ".png", ".webp"}
 log = logging.getLogger("cnnkit")
+T = TypeVar("T")
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
 # decoders available here, and Pillow takes over if they are ever removed.
@@ -38,10 +43,54 @@ def is_image(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+@dataclass
+class ImageLimits:
+    """The largest image any decode accepts, in pixels and in file bytes: a decompression bomb (a small
+    PNG of 20000x20000 pixels) is refused before it is decoded. Set from the environment
+    (``CNNKIT_MAX_IMAGE_PIXELS``, ``CNNKIT_MAX_IMAGE_BYTES``) or by assigning ``LIMITS.max_pixels``."""
+
+    max_pixels: int = int(os.environ.get("CNNKIT_MAX_IMAGE_PIXELS", 178_956_970))  # Pillow's own bound
+    max_bytes: int = int(os.environ.get("CNNKIT_MAX_IMAGE_BYTES", 512 << 20))
+
+
+LIMITS = ImageLimits()
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
+    """The image at ``path`` opened lazily (header only) after checking it is within :data:`LIMITS`;
+    :class:`DataError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        nbytes = path.stat().st_size
+        if nbytes > LIMITS.max_bytes:
+            raise DataError(
+                f"{path}: {nbytes / 2**20:.0f} MB is over the {LIMITS.max_bytes / 2**20:.0f} MB limit "
+                "for an image (set CNNKIT_MAX_IMAGE_BYTES to allow it)"
+            )
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > LIMITS.max_pixels:
+                raise DataError(
+                    f"{path}: {w}x{h} pixels is over the limit of {LIMITS.max_pixels:,} "
+                    "(a decompression bomb?); set CNNKIT_MAX_IMAGE_PIXELS to allow it"
+                )
+            yield im
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, when ours was set above it
+        raise DataError(f"{path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+
+
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Decode ``path`` to an RGB ``uint8`` tensor ``[3, H, W]``; raise :class:`DataError` naming it."""
+    """Decode ``path`` to an RGB ``uint8`` tensor ``[3, H, W]``; raise :class:`DataError` naming it
+    (unreadable, or over :data:`LIMITS`)."""
     path = Path(path)
     if path.suffix.lower() in _FAST:
+        with open_image(path):  # the header: limits are checked before anything is decoded
+            pass
         try:
             return _read_torchvision(path)
         except (RuntimeError, ValueError, ImportError):
@@ -60,13 +109,11 @@ def _read_torchvision(path: Path) -> torch.Tensor:
 
 
 def _read_pillow(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as raw:
+    with open_image(path) as raw:
+        try:
             arr = _to_rgb_array(ImageOps.exif_transpose(raw))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{path}: cannot decode image ({exc})") from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -84,15 +131,53 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 
 def verify_image(path: str | os.PathLike[str]) -> str | None:
-    """A cheap integrity check (header and structure, no full decode): the reason it fails, or None."""
+    """A cheap integrity check (header, limits, structure, a JPEG's end marker; no full decode unless
+    the end marker is missing): the reason it fails, or None."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
+            jpeg = im.format == "JPEG"
             im.verify()
-    except FileNotFoundError:
-        return "file not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if jpeg and not _jpeg_complete(Path(path)):
+            with open_image(path) as im:  # no end marker: only a full decode tells junk from a cut file
+                im.load()
+    except DataError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    except (OSError, SyntaxError, ValueError) as exc:
         return f"cannot decode image ({exc})"
     return None
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """Whether the JPEG ends with its end-of-image marker (a file cut short does not)."""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def keep_readable(
+    samples: Sequence[T], path_of: Callable[[T], Path], report: DataReport, strict: bool = False
+) -> list[T]:
+    """The samples whose image passes :func:`verify_image`; each other one goes to ``report`` (or, with
+    ``strict``, stops the run) — the one policy for unreadable images of every task."""
+    good = []
+    for sample in samples:
+        reason = verify_image(path_of(sample))
+        if reason is None:
+            good.append(sample)
+        else:
+            report.add(path_of(sample), reason, strict)
+    return good
+
+
+def first_readable(index: int, n: int, load: Callable[[int], T]) -> T:
+    """``load(index)``, or of the next index whose image decodes (an image that passed the header check
+    but fails to decode, such as a truncated JPEG, is logged and replaced; an epoch never stops on it)."""
+    for attempt in range(n):
+        try:
+            return load((index + attempt) % n)
+        except DataError as exc:
+            log.warning("skipping unreadable image: %s", exc)
+    raise DataError("no image of the dataset could be decoded")
 
 
 def iter_images(sources: Iterable[str | os.PathLike[str]], *, videos: bool = False) -> Iterator[Path]:
@@ -105,7 +190,7 @@ def iter_images(sources: Iterable[str | os.PathLike[str]], *, videos: bool = Fal
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and wanted(p))
+            yield from walk_files(path, wanted)
         elif path.is_file():
             yield path
         else:

@@ -30,7 +30,7 @@ from cnnkit.data.detect import DetSample
 from cnnkit.data.formats import box_csv, not_a_box_dataset, read_box_data, sniff_box_format
 from cnnkit.data.formats.coco import is_coco
 from cnnkit.data.formats.tools import is_createml
-from cnnkit.data.images import is_image, read_image
+from cnnkit.data.images import first_readable, is_image, read_image
 from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
@@ -50,9 +50,14 @@ class LocSample:
     box: tuple[float, float, float, float] | None  # xyxy pixels
 
 
-def read_localization_csv(path: str | os.PathLike[str]) -> list[LocSample]:
+def read_localization_csv(
+    path: str | os.PathLike[str], report: DataReport | None = None, strict: bool = False
+) -> list[LocSample]:
+    """One row per image; a row whose box is not four finite numbers with ``x2 > x1``, ``y2 > y1`` is
+    reported at its line and left out (``strict``: stops)."""
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    report = report if report is not None else DataReport()
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         img_col = next((cols[c] for c in _IMAGE_COLS if c in cols), None)
@@ -67,38 +72,67 @@ def read_localization_csv(path: str | os.PathLike[str]) -> list[LocSample]:
             )
         samples = []
         for lineno, row in enumerate(reader, start=2):
+            image = (row.get(img_col) or "").strip()
+            if not image:
+                report.add(f"{path}:{lineno}", "no image named", strict)
+                continue
             label = (row.get(cls_col) or "").strip() if cls_col else "object"
             coords = [(row.get(c) or "").strip() for c in box_cols]
             if label.lower() in NO_OBJECT or not any(coords):
-                samples.append(LocSample(path.parent / row[img_col].strip(), None, None))
+                samples.append(LocSample(path.parent / image, None, None))
                 continue
-            try:
-                x1, y1, x2, y2 = (float(c) for c in coords)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: box {coords} is not four numbers") from None
-            if x2 <= x1 or y2 <= y1:
-                raise DataError(f"{path}:{lineno}: empty box {coords} (need x2 > x1 and y2 > y1)")
-            samples.append(LocSample(path.parent / row[img_col].strip(), label, (x1, y1, x2, y2)))
+            box = _box(coords)
+            if box is None:
+                report.add(
+                    f"{path}:{lineno}", f"box {coords} is not four finite numbers x1<x2, y1<y2", strict
+                )
+                continue
+            samples.append(LocSample(path.parent / image, label, box))
     return samples
 
 
-def read_localization_json(path: str | os.PathLike[str]) -> list[LocSample]:
-    path = Path(path)
+def _box(values: Sequence[Any]) -> tuple[float, float, float, float] | None:
+    """``(x1, y1, x2, y2)`` from four finite numbers with ``x2 > x1`` and ``y2 > y1``, else None."""
     try:
-        items = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read JSON ({exc})") from None
+        x1, y1, x2, y2 = (float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    ok = all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1
+    return (x1, y1, x2, y2) if ok else None
+
+
+def read_localization_json(
+    path: str | os.PathLike[str], report: DataReport | None = None, strict: bool = False
+) -> list[LocSample]:
+    """A list of ``{"image", "class", "box"}``; a bad entry is reported by its index and left out."""
+    path = Path(path)
+    report = report if report is not None else DataReport()
+    items = _json_list(path)
     samples = []
     for i, item in enumerate(items):
-        label = item.get("class")
-        box = item.get("box")
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            report.add(f"{path}: item {i}", "needs an 'image' path", strict)
+            continue
+        label, box = item.get("class"), item.get("box")
         if label is None or str(label).lower() in NO_OBJECT or not box:
             samples.append(LocSample(path.parent / item["image"], None, None))
-        elif len(box) != 4:
-            raise DataError(f"{path}: item {i}: box must be [x1, y1, x2, y2], got {box}")
-        else:
-            samples.append(LocSample(path.parent / item["image"], str(label), tuple(float(v) for v in box)))  # type: ignore[arg-type]
+            continue
+        xyxy = _box(box) if isinstance(box, list) and len(box) == 4 else None
+        if xyxy is None:
+            report.add(f"{path}: item {i}", f"box must be [x1, y1, x2, y2] finite, got {box}", strict)
+            continue
+        samples.append(LocSample(path.parent / item["image"], str(label), xyxy))
     return samples
+
+
+def _json_list(path: Path) -> list[Any]:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of samples")
+    return items
 
 
 def largest_objects(samples: Sequence[DetSample], names: Sequence[str]) -> list[LocSample]:
@@ -135,14 +169,20 @@ def read_localization(
     a folder with ``train.csv`` (+ ``val.csv``), or any box dataset format (YOLO, COCO, Pascal VOC; read
     by the detection readers, the largest box of each image)."""
     source = Path(source)
+    report = DataReport()
+    train: list[LocSample] | None = None
+    val_samples = None
     if source.is_file() and source.suffix == ".csv" and not _box_file(source):
-        return read_localization_csv(source), None, None, DataReport()
-    if source.is_file() and source.suffix == ".json" and not _box_file(source):
-        return read_localization_json(source), None, None, DataReport()
-    if source.is_dir() and (source / "train.csv").is_file() and not _box_file(source / "train.csv"):
+        train = read_localization_csv(source, report, strict)
+    elif source.is_file() and source.suffix == ".json" and not _box_file(source):
+        train = read_localization_json(source, report, strict)
+    elif source.is_dir() and (source / "train.csv").is_file() and not _box_file(source / "train.csv"):
         val = source / "val.csv"
-        val_samples = read_localization_csv(val) if val.is_file() else None
-        return read_localization_csv(source / "train.csv"), val_samples, None, DataReport()
+        val_samples = read_localization_csv(val, report, strict) if val.is_file() else None
+        train = read_localization_csv(source / "train.csv", report, strict)
+    if train is not None:
+        report.log_problems(log)
+        return train, val_samples, None, report
     if sniff_box_format(source) is not None:
         boxes = read_box_data(source, val_fraction=val_fraction, seed=seed, strict=strict)
         train = largest_objects(boxes.train, boxes.names)
@@ -182,9 +222,11 @@ class LocalizationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, index: int) -> tuple[LocSample, torch.Tensor]:
+        return self.samples[index], read_image(self.samples[index].path)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.samples[index]
-        image = read_image(s.path)
+        s, image = first_readable(index, len(self.samples), self._load)
         h, w = image.shape[-2:]
         box = s.box or (0.0, 0.0, 1.0, 1.0)
         boxes = tv_tensors.BoundingBoxes(torch.tensor([box]), format="XYXY", canvas_size=(h, w))
@@ -206,17 +248,36 @@ class PointSample:
     visible: torch.Tensor  # [K] bool
 
 
+_INVISIBLE = {"", "nan", "-1", "none", "-"}
+
+
 def _point(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
+    """A coordinate; ``""``, ``nan`` or a negative number mark the point invisible (NaN here). Anything
+    else that is not a finite number raises ValueError (text in a cell is a broken row, not a hidden
+    point)."""
+    v = value.strip()
+    if v.lower() in _INVISIBLE:
         return math.nan
-    return v if v >= 0 else math.nan
+    try:
+        x = float(v)
+    except ValueError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(repr(v))
+    return x if x >= 0 else math.nan
 
 
-def read_landmarks_csv(path: str | os.PathLike[str]) -> list[PointSample]:
+def read_landmarks_csv(
+    path: str | os.PathLike[str], report: DataReport | None = None, strict: bool = False
+) -> list[PointSample]:
+    """``image, x0, y0, x1, y1, ...`` (a header row is detected and skipped). A row with text in a
+    coordinate, an odd count or another count than the first row is reported at its line and left out."""
     path = Path(path)
-    rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    report = report if report is not None else DataReport()
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig", errors="replace").splitlines()))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     if not rows:
         raise DataError(f"{path}: empty file")
     start = 0 if rows[0] and is_image(rows[0][0]) else 1  # a header row is detected and skipped
@@ -225,48 +286,75 @@ def read_landmarks_csv(path: str | os.PathLike[str]) -> list[PointSample]:
     for lineno, row in enumerate(rows[start:], start=start + 1):
         if not row or not row[0].strip():
             continue
-        values = row[1:]
+        values, where = row[1:], f"{path}:{lineno}"
         if len(values) % 2 or not values:
-            raise DataError(f"{path}:{lineno}: expected image then x,y pairs, got {len(values)} coordinates")
-        if n is None:
-            n = len(values) // 2
-        elif len(values) // 2 != n:
-            raise DataError(f"{path}:{lineno}: {len(values) // 2} points, the first row has {n}")
-        pts = torch.tensor([_point(v) for v in values]).view(-1, 2)
+            report.add(where, f"expected image then x,y pairs, got {len(values)} coordinates", strict)
+            continue
+        if n is not None and len(values) // 2 != n:
+            report.add(where, f"{len(values) // 2} points, the first row has {n}", strict)
+            continue
+        try:
+            pts = torch.tensor([_point(v) for v in values], dtype=torch.float32).view(-1, 2)
+        except ValueError as exc:
+            report.add(
+                where, f"coordinate {exc} is not a number (leave the cell empty for an invisible point)", strict
+            )
+            continue
+        n = len(values) // 2
         vis = ~pts.isnan().any(1)
         samples.append(PointSample(path.parent / row[0].strip(), torch.nan_to_num(pts, 0.0), vis))
     return samples
 
 
-def read_landmarks_json(path: str | os.PathLike[str]) -> list[PointSample]:
+def read_landmarks_json(
+    path: str | os.PathLike[str], report: DataReport | None = None, strict: bool = False
+) -> list[PointSample]:
+    """A list of ``{"image", "points": [[x, y], ...], "visible": [...]}``; bad entries are reported."""
     path = Path(path)
-    items = json.loads(path.read_text())
+    report = report if report is not None else DataReport()
     samples = []
-    for item in items:
-        pts = torch.tensor(item["points"], dtype=torch.float32).view(-1, 2)
-        vis = torch.tensor(item.get("visible", [1] * len(pts)), dtype=torch.bool)
-        samples.append(PointSample(path.parent / item["image"], pts, vis & (pts >= 0).all(1)))
+    for i, item in enumerate(_json_list(path)):
+        try:
+            pts = torch.tensor(item["points"], dtype=torch.float64).view(-1, 2)
+            vis = torch.tensor(item.get("visible", [1] * len(pts)), dtype=torch.bool).view(-1)
+            image = path.parent / str(item["image"])
+            if len(vis) != len(pts) or not torch.isfinite(pts).all():
+                raise ValueError("points must be finite, with one visibility flag each")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            report.add(f"{path}: item {i}", f"needs 'image' and 'points' [[x, y], ...] ({exc})", strict)
+            continue
+        samples.append(PointSample(image, pts.float(), vis & (pts >= 0).all(1)))
+    n = {len(s.points) for s in samples}
+    if len(n) > 1:
+        raise DataError(f"{path}: samples have different numbers of points: {sorted(n)}")
     return samples
 
 
 def read_landmarks(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str], report: DataReport | None = None, strict: bool = False
 ) -> tuple[list[PointSample], list[PointSample] | None, dict[str, Any]]:
     """``(samples, val samples or None, options)``; options (``flip_pairs``, ``norm_points``) come from a
-    ``data.yaml`` beside the annotations."""
+    ``data.yaml`` beside the annotations. Bad rows go to ``report``."""
     source = Path(source)
     folder = source if source.is_dir() else source.parent
     options = load_yaml(folder / "data.yaml") if (folder / "data.yaml").is_file() else {}
 
     def read(p: Path) -> list[PointSample]:
-        return read_landmarks_json(p) if p.suffix == ".json" else read_landmarks_csv(p)
+        if p.suffix == ".json":
+            return read_landmarks_json(p, report, strict)
+        return read_landmarks_csv(p, report, strict)
 
+    report = report if report is not None else DataReport()
     if source.is_file():
-        return read(source), None, options
+        samples = read(source)
+        report.log_problems(log)
+        return samples, None, options
     for ext in (".csv", ".json"):
         if (source / f"train{ext}").is_file():
             val = source / f"val{ext}"
-            return read(source / f"train{ext}"), read(val) if val.is_file() else None, options
+            train, val_samples = read(source / f"train{ext}"), read(val) if val.is_file() else None
+            report.log_problems(log)
+            return train, val_samples, options
     raise DataError(f"{source}: expected a landmarks CSV/JSON or a folder with train.csv (and val.csv)")
 
 
@@ -302,9 +390,11 @@ class LandmarkDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, index: int) -> tuple[PointSample, torch.Tensor]:
+        return self.samples[index], read_image(self.samples[index].path)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = self.samples[index]
-        image = read_image(s.path)
+        s, image = first_readable(index, len(self.samples), self._load)
         h, w = image.shape[-2:]
         img, kp = self.resize(tv_tensors.Image(image), tv_tensors.KeyPoints(s.points, canvas_size=(h, w)))
         visible = s.visible.clone()

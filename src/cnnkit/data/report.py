@@ -18,11 +18,14 @@ from cnnkit.errors import DataError
 @dataclass
 class DataReport:
     """``items``: ``(where, why)`` of every sample left out (``where`` is a file, or ``file:line``);
-    ``clipped`` / ``dropped``: per file, box coordinates clipped into the image and empty boxes dropped."""
+    ``clipped`` / ``dropped`` / ``duplicates``: per file, box coordinates clipped into the image, empty
+    boxes dropped and repeated boxes (same class and box) dropped."""
 
     items: list[tuple[str, str]] = field(default_factory=list)
     clipped: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    background: int = 0  # images without a label file, kept as background (YOLO's rule)
 
     def add(self, where: str | os.PathLike[str], why: str, strict: bool = False) -> None:
         """Leave a sample out because of ``why``; with ``strict``, stop instead."""
@@ -41,6 +44,8 @@ class DataReport:
         self.items.extend(other.items)
         self.clipped.update(other.clipped)
         self.dropped.update(other.dropped)
+        self.duplicates.update(other.duplicates)
+        self.background += other.background
 
     @property
     def problems(self) -> list[str]:
@@ -73,6 +78,11 @@ class DataReport:
             parts.append(f"{sum(self.clipped.values())} coordinates clipped in {len(self.clipped)} files")
         if self.dropped:
             parts.append(f"{sum(self.dropped.values())} empty boxes dropped in {len(self.dropped)} files")
+        if self.duplicates:
+            n = sum(self.duplicates.values())
+            parts.append(f"{n} repeated boxes dropped in {len(self.duplicates)} files")
+        if self.background:
+            parts.append(f"{self.background} images have no label file (treated as background)")
         if self.items:
             parts.append(f"{len(self.items)} samples skipped")
         return "; ".join(parts) or "no problems"

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -20,7 +19,7 @@ from cnnkit.data.formats.masks import (  # re-exported: the names of the first r
 )
 from cnnkit.data.formats.masks import read_mask
 from cnnkit.data.formats.masks import resolve_segmentation_data as resolve_segmentation_data
-from cnnkit.data.images import read_image
+from cnnkit.data.images import first_readable, open_image, read_image, verify_image
 from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
@@ -165,12 +164,15 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.pairs = good
 
     def _check(self, img: Path, mask: Path) -> str | None:
+        reason = verify_image(img)
+        if reason is not None:
+            return f"{img}: {reason}"
         try:
-            with Image.open(img) as im:
+            with open_image(img) as im:
                 size = im.size
             m = read_mask(mask, self.palette, self.ignore_index, self.threshold)
-        except (OSError, DataError) as exc:
-            return str(exc) if isinstance(exc, DataError) else f"{img}: cannot read ({exc})"
+        except DataError as exc:
+            return str(exc)
         if (m.shape[1], m.shape[0]) != size:
             return (
                 f"{mask}: mask is {m.shape[1]}x{m.shape[0]} but its image {img.name} is {size[0]}x{size[1]}"
@@ -194,7 +196,7 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(index)
+        image, mask = first_readable(index, len(self.pairs), self.load)
         if self.transform is None:
             return image, mask.long()
         return self.transform(image, mask)

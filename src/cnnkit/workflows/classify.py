@@ -78,7 +78,7 @@ def resolve_splits(
     def read(source: Path, names: Sequence[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
         if source.is_file():
             return read_label_csv(source, names)
-        samples, found = scan_image_folder(source)
+        samples, found = scan_image_folder(source, empty_ok=names is not None)
         if names is None or found == list(names):
             return samples, found
         index = {n: i for i, n in enumerate(names)}

@@ -73,7 +73,8 @@ def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:
 
     if not items or not info().is_main:
         return
-    (run_dir / "skipped.txt").write_text("".join(f"{p}: {r}\n" for p, r in items))
+    text = "".join(f"{p}: {r}\n" for p, r in items)  # file names that are not UTF-8 are written escaped
+    (run_dir / "skipped.txt").write_text(text, encoding="utf-8", errors="backslashreplace")
     log.warning("%d files skipped; listed in %s", len(items), run_dir / "skipped.txt")
 
 

@@ -3,6 +3,7 @@ specs, which share a backbone-plus-head model, and ``predict`` (with drawn boxes
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import split_dataset
-from cnnkit.data.images import OutputNames, iter_frames
+from cnnkit.data.images import OutputNames, iter_frames, keep_readable
 from cnnkit.data.localize import LandmarkDataset, LocalizationDataset, read_landmarks, read_localization
+from cnnkit.data.report import DataReport
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
@@ -27,7 +29,9 @@ from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, 
 from cnnkit.workflows.common import load_task_model, preprocess
 from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, option, register_task
 
+log = logging.getLogger("cnnkit")
 VAL_FRACTION = "seeded validation split when the data has none"
+STRICT = "stop at the first bad sample (annotation row or image) instead of skipping it"
 PRETRAINED_BACKBONE = "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
 BACKBONE = "a zoo classifier as the backbone (cnnkit models)"
 BACKBONE_ARGS = "JSON of backbone arguments, e.g. '{\"width\": 0.25}'"
@@ -46,7 +50,7 @@ class LocalizeOptions:
     backbone: str = option("resnet18", BACKBONE)
     backbone_args: dict[str, Any] | None = option(None, BACKBONE_ARGS)
     pretrained: str | None = option(None, PRETRAINED_BACKBONE)
-    strict: bool = option(False, "box datasets: stop at the first bad annotation")
+    strict: bool = option(False, STRICT)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class LandmarkOptions:
     backbone_args: dict[str, Any] | None = option(None, BACKBONE_ARGS)
     pretrained: str | None = option(None, PRETRAINED_BACKBONE)
     loss: LandmarkLoss = option("smooth_l1", "point regression loss")
+    strict: bool = option(False, STRICT)
     flip_pairs: tuple[tuple[int, ...], ...] | None = option(
         None,
         "index pairs swapped by a horizontal flip, e.g. 1,3 36,45",
@@ -106,7 +111,7 @@ class Localize(_OneObject):
         train, val, found, report = read_localization(
             opts.data or ".", val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
-        train, val = _split(train, val, opts.val_fraction, cfg.seed)
+        train, val = _readable(*_split(train, val, opts.val_fraction, cfg.seed), report, opts.strict)
         names = list(names or found or sorted({s.label for s in train if s.label is not None}))
         if not names:
             raise DataError(f"{opts.data}: no image has an object; a localizer needs at least one class")
@@ -151,8 +156,9 @@ class Landmarks(_OneObject):
         self, opts: LandmarkOptions, cfg: TrainConfig, names: Sequence[str] | None = None
     ) -> TaskData:
         """Points and their file's options; flip pairs and the NME pair from ``opts`` or else the file."""
-        train, val, found = read_landmarks(opts.data or ".")
-        train, val = _split(train, val, opts.val_fraction, cfg.seed)
+        report = DataReport()
+        train, val, found = read_landmarks(opts.data or ".", report, opts.strict)
+        train, val = _readable(*_split(train, val, opts.val_fraction, cfg.seed), report, opts.strict)
         pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
         norm = opts.norm_points or found.get("norm_points")
         train_set = LandmarkDataset(train, cfg.imgsz, True, pairs)
@@ -161,7 +167,8 @@ class Landmarks(_OneObject):
             "norm_points": norm,
             "num_points": train_set.num_points,
         }
-        return TaskData(train_set, LandmarkDataset(val, cfg.imgsz, False, pairs), None, record=record)
+        val_set = LandmarkDataset(val, cfg.imgsz, False, pairs)
+        return TaskData(train_set, val_set, None, report.skipped(), record=record)
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
         return {"num_points": data.record["num_points"]}
@@ -194,6 +201,19 @@ def _split(
         return train, val
     tr, va = split_dataset(len(train), fraction, seed)
     return [train[i] for i in tr], [train[i] for i in va]
+
+
+def _readable(
+    train: list[Any], val: list[Any], report: DataReport, strict: bool
+) -> tuple[list[Any], list[Any]]:
+    """Both splits without the samples whose image is missing or unreadable (reported, as in every task)."""
+    before = len(report)
+    train, val = (keep_readable(x, lambda s: s.path, report, strict) for x in (train, val))
+    DataReport(report.items[before:]).log_problems(log)
+    for split, samples in (("training", train), ("validation", val)):
+        if not samples:
+            raise DataError(f"no usable {split} sample is left (see the problems above)")
+    return train, val
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
 
-from cnnkit.data.images import is_image
+from cnnkit.data.images import is_image, open_image
 from cnnkit.data.report import DataReport
+from cnnkit.data.walk import walk_files
+from cnnkit.errors import DataError
 
 #: folder names of the validation split, in the order they are looked for
 VAL_NAMES = ("val", "valid", "validation", "test")
@@ -70,30 +72,66 @@ class BoxFormat:
     near_miss: Callable[[Path], str | None] = lambda path: None  # "found X but not Y", when it almost fits
 
 
-def image_size(path: Path) -> tuple[int, int] | None:
+def sized(
+    image: Path | None, name: str, where: str | os.PathLike[str], report: DataReport, strict: bool
+) -> tuple[int, int] | None:
+    """The ``(h, w)`` of the image an annotation at ``where`` names, or None after reporting why not
+    (not found; unreadable or over the size limits, with the reason)."""
+    if image is None:
+        report.add(where, f"image {name} not found", strict)
+        return None
     try:
-        with Image.open(path) as im:
+        with open_image(image) as im:
             return im.height, im.width
-    except OSError:
+    except DataError as exc:
+        report.add(where, str(exc), strict)
         return None
 
 
 def finish(
-    boxes: list[list[float]], labels: list[int], size: tuple[int, int], source: str, report: DataReport
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip to the image and drop empty boxes, counting both per file."""
+    image: Path,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    size: tuple[int, int],
+    source: str,
+    report: DataReport,
+    strict: bool = False,
+    where: Sequence[str] | None = None,
+) -> DetSample | None:
+    """The sample of ``image``: boxes (``xyxy`` pixels) clipped to the image, empty and repeated boxes
+    dropped (counted per file). A box with a non-finite coordinate, or one more than an image size
+    outside the image (a corrupt label: ``w = 1e9`` is not a box), skips the sample and is reported at
+    ``where[i]`` (its line or annotation; ``source`` by default)."""
     h, w = size
-    b = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+    b = torch.tensor([list(map(float, box)) for box in boxes], dtype=torch.float64).view(-1, 4)
+    limit = torch.tensor([w, h, w, h], dtype=torch.float64)
+    bad = ~torch.isfinite(b).all(1) | (b < -limit).any(1) | (b > 2 * limit).any(1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        at = where[i] if where is not None else source
+        what = "non-finite" if not torch.isfinite(b[i]).all() else "absurd"
+        report.add(at, f"{what} box coordinates {b[i].tolist()} for a {w}x{h} image", strict)
+        return None
+    b = b.float()
     clipped = torch.stack(
         [b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1
     )
     n_clipped = int(((clipped - b).abs() > 0.01).sum())  # smaller moves are rounding in the label file
     if n_clipped:
         report.clipped[source] += n_clipped
+    lab = torch.tensor(list(labels), dtype=torch.long).view(-1)
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     if not keep.all():
         report.dropped[source] += int((~keep).sum())
-    return clipped[keep], torch.tensor(labels, dtype=torch.long).view(-1)[keep]
+    clipped, lab = clipped[keep], lab[keep]
+    if len(lab) > 1:  # the same class and box twice (a double click in the annotation tool)
+        key = torch.cat([lab[:, None].float(), (clipped * 10).round()], 1)
+        _, first = np.unique(key.numpy(), axis=0, return_index=True)
+        if len(first) < len(lab):
+            report.duplicates[source] += len(lab) - len(first)
+            order = torch.from_numpy(np.sort(first))
+            clipped, lab = clipped[order], lab[order]
+    return DetSample(image, clipped, lab, size)
 
 
 def sample_from_named(
@@ -113,23 +151,17 @@ def sample_from_named(
             return None
         boxes.append(box)
         labels.append(index[name])
-    b, lab = finish(boxes, labels, size, source, report)
-    return DetSample(image, b, lab, size)
+    return finish(image, boxes, labels, size, source, report, strict)
 
 
-def files_under(root: Path, keep: Callable[[str], bool] | str, max_depth: int = 3) -> list[Path]:
+def files_under(root: Path, keep: Callable[[str], bool] | str, max_depth: int | None = 3) -> list[Path]:
     """Files below ``root`` (hidden folders skipped, ``max_depth`` folders deep) whose name ``keep``
     accepts, or ends with ``keep`` when it is a suffix; sorted."""
     wanted = keep if callable(keep) else (lambda name: name.lower().endswith(keep))
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
-        out += [Path(dirpath) / f for f in filenames if wanted(f)]
-    return sorted(out)
+    return walk_files(root, wanted, max_depth)
 
 
-def images_under(root: Path, max_depth: int = 3) -> list[Path]:
+def images_under(root: Path, max_depth: int | None = 3) -> list[Path]:
     """Image files below ``root`` (hidden folders skipped), sorted."""
     return files_under(root, is_image, max_depth)
 

@@ -19,9 +19,9 @@ from cnnkit.data.formats.base import (
     Splits,
     files_by_split,
     files_under,
-    image_size,
     relative,
     sample_from_named,
+    sized,
 )
 from cnnkit.data.report import DataReport
 
@@ -80,9 +80,8 @@ def read_box_csv(
     samples = []
     for name, objects in rows.items():
         image = index.find(name, Path(name).stem, near=[path.parent, path.parent / "images"])
-        size = None if image is None else image_size(image)
+        size = sized(image, name, path, report, strict)
         if image is None or size is None:
-            report.add(path, f"image {name} is missing or unreadable", strict)
             continue
         sample = sample_from_named(image, size, objects, lookup, f"{path}#{name}", report, strict)
         if sample is not None:

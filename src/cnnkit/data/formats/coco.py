@@ -21,6 +21,7 @@ from cnnkit.data.formats.base import (
     files_under,
     finish,
     relative,
+    sized,
 )
 from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
@@ -45,9 +46,18 @@ def read_coco(
         coco = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read COCO JSON ({exc})") from None
-    cats = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    if not isinstance(coco, dict):
+        raise DataError(f"{path}: a COCO JSON is an object with 'images', 'annotations' and 'categories'")
+    cats = coco.get("categories", [])
+    bad = [c for c in cats if not isinstance(c, dict) or "id" not in c or "name" not in c]
+    if bad or not isinstance(cats, list):
+        raise DataError(f"{path}: each category needs an 'id' and a 'name', got {str(bad or cats)[:120]}")
+    try:
+        cats = sorted(cats, key=lambda c: c["id"])
+    except TypeError:
+        raise DataError(f"{path}: category ids must be all numbers or all strings") from None
     ids = {c["id"]: i for i, c in enumerate(cats)}
-    names = [c["name"] for c in cats]
+    names = [str(c["name"]) for c in cats]
     split = path.stem.split("_")[-1]
     roots = (
         [Path(images)]
@@ -56,10 +66,14 @@ def read_coco(
     )
     per_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in coco.get("annotations", []):
-        per_image.setdefault(ann["image_id"], []).append(ann)
+        if isinstance(ann, dict):
+            per_image.setdefault(ann.get("image_id"), []).append(ann)
     report = DataReport()
     samples = []
     for info in coco.get("images", []):
+        if not isinstance(info, dict) or "file_name" not in info or "id" not in info:
+            report.add(path, f"image entry {str(info)[:80]} has no 'file_name' or 'id'", strict)
+            continue
         name = str(info["file_name"])
         image = next((r / name for r in roots if (r / name).is_file()), None)
         if image is None and index is not None:
@@ -67,22 +81,53 @@ def read_coco(
         if image is None:
             report.add(path, f"image {name} (id {info['id']}) not found in {[str(r) for r in roots]}", strict)
             continue
-        boxes, labels = [], []
-        for ann in per_image.get(info["id"], []):
-            if ann.get("iscrowd", 0):
-                continue
-            if ann["category_id"] not in ids:
-                report.add(
-                    path, f"annotation {ann.get('id')} has unknown category {ann['category_id']}", strict
-                )
-                continue
-            x, y, bw, bh = ann["bbox"]
-            boxes.append([x, y, x + bw, y + bh])
-            labels.append(ids[ann["category_id"]])
-        size = (int(info["height"]), int(info["width"]))
-        b, lab = finish(boxes, labels, size, f"{path}#{info['id']}", report)
-        samples.append(DetSample(image, b, lab, size))
+        size = _size_of(info) or sized(image, name, path, report, strict)
+        if size is None:
+            continue
+        objects = _objects(per_image.get(info["id"], []), ids, f"{path}: image {name}")
+        if isinstance(objects, str):  # a malformed or unknown annotation: the whole image is skipped
+            report.add(path, objects, strict)
+            continue
+        boxes, labels, where = objects
+        sample = finish(image, boxes, labels, size, f"{path}#{info['id']}", report, strict, where)
+        if sample is not None:
+            samples.append(sample)
     return samples, names, report
+
+
+def _size_of(info: dict[str, Any]) -> tuple[int, int] | None:
+    """``(h, w)`` from the image entry (None when missing or not positive numbers: read the file)."""
+    try:
+        h, w = int(info["height"]), int(info["width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (h, w) if h > 0 and w > 0 else None
+
+
+def _objects(
+    anns: list[dict[str, Any]], ids: dict[Any, int], where: str
+) -> tuple[list[list[float]], list[int], list[str]] | str:
+    """The boxes (``xyxy``), classes and annotation ids of one image's annotations (crowd regions left
+    out), or why the image cannot be used: an annotation with an unknown category or without a
+    4-number ``bbox`` would train the image with an object unlabelled."""
+    boxes, labels, at = [], [], []
+    for ann in anns:
+        if ann.get("iscrowd", 0):
+            continue
+        aid = ann.get("id")
+        if ann.get("category_id") not in ids:
+            return f"{where}: annotation {aid} has unknown category {ann.get('category_id')!r}"
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+            return f"{where}: annotation {aid} needs 'bbox': [x, y, width, height], got {bbox!r}"
+        try:
+            x, y, bw, bh = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            return f"{where}: annotation {aid} has a bbox that is not 4 numbers: {bbox!r}"
+        boxes.append([x, y, x + bw, y + bh])
+        labels.append(ids[ann["category_id"]])
+        at.append(f"{where}: annotation {aid}")
+    return boxes, labels, at
 
 
 def _sniff(path: Path) -> Layout | None:

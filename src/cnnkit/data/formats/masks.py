@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from cnnkit.data.classify import split_dataset
 from cnnkit.data.formats.base import SPLIT_NAMES, VAL_NAMES, images_under, relative
-from cnnkit.data.images import is_image
+from cnnkit.data.images import is_image, open_image
 from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
@@ -72,15 +71,15 @@ def read_mask(
 ) -> np.ndarray:
     """A mask file as class indices ``[H, W] uint8``: binary masks thresholded (``threshold``), RGB masks
     mapped through ``palette`` (grey masks saved as RGB read as grey)."""
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:  # within the image size limits, or a DataError naming the file
+        try:
             if threshold is not None:
                 return (np.asarray(im.convert("L")) >= threshold).astype(np.uint8)
             if im.mode in ("P", "L", "I;16", "I", "1"):
                 return np.asarray(im, dtype=np.int64).astype(np.uint8)
             rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read mask ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read mask ({exc})") from None
     if palette is None:
         if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
             return rgb[..., 0].astype(np.uint8)  # a grey mask stored as RGB
@@ -227,7 +226,7 @@ def infer_threshold(pairs: Sequence[tuple[Path, Path]], config: dict[str, Any], 
     step = max(1, len(pairs) // 32)
     counts = np.zeros(256, dtype=np.int64)
     for _, mask in list(pairs)[::step][:32]:
-        with Image.open(mask) as im:
+        with open_image(mask) as im:
             if im.mode == "P":
                 return None  # palette masks (VOC) are index masks
             counts += np.bincount(np.asarray(im.convert("L")).ravel(), minlength=256)

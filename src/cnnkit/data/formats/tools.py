@@ -16,9 +16,9 @@ from cnnkit.data.formats.base import (
     Splits,
     file_head,
     files_under,
-    image_size,
     relative,
     sample_from_named,
+    sized,
     split_of,
     splits_of,
 )
@@ -70,9 +70,8 @@ def _read_labelme(layout: Layout, strict: bool) -> Splits:
     groups: dict[str, list[DetSample]] = {}
     for path, doc in docs:
         image = index.find(doc.get("imagePath"), path.stem, near=[path.parent])
-        size = None if image is None else image_size(image)
+        size = sized(image, doc.get("imagePath") or path.stem, path, report, strict)
         if image is None or size is None:
-            report.add(path, f"image {doc.get('imagePath') or path.stem} is missing or unreadable", strict)
             continue
         objects = [
             (str(s.get("label", "")), box) for s in doc["shapes"] if (box := _labelme_box(s)) is not None
@@ -121,9 +120,8 @@ def _read_createml(layout: Layout, strict: bool) -> Splits:
     for path, entry in entries:
         name = str(entry.get("image", ""))
         image = index.find(name, Path(name).stem, near=[path.parent])
-        size = None if image is None else image_size(image)
+        size = sized(image, name, path, report, strict)
         if image is None or size is None:
-            report.add(path, f"image {name} is missing or unreadable", strict)
             continue
         objects = []
         for ann in entry.get("annotations") or []:

@@ -20,10 +20,10 @@ from cnnkit.data.formats.base import (
     Splits,
     file_head,
     files_under,
-    image_size,
     read_names_file,
     relative,
     sample_from_named,
+    sized,
     split_of,
 )
 from cnnkit.data.report import DataReport
@@ -81,9 +81,8 @@ def read_voc_files(
             *(d / sub for d in (xml.parent, xml.parent.parent, index.root) for sub in IMAGE_DIRS),
         ]
         image = index.find(tree.findtext("filename"), xml.stem, near=near)
-        size = None if image is None else image_size(image)
+        size = sized(image, tree.findtext("filename") or xml.stem, xml, report, strict)
         if image is None or size is None:
-            report.add(xml, f"image {tree.findtext('filename') or xml.stem} is missing or unreadable", strict)
             continue
         sample = sample_from_named(image, size, objects, lookup, str(xml), report, strict)
         if sample is not None:
@@ -166,7 +165,7 @@ def _read(layout: Layout, strict: bool) -> Splits:
     val = None
     if val_xmls is not None:
         val, _, _ = read_voc_files(val_xmls, index, names=names, strict=strict, report=report)
-    if not train and not val and all("missing or unreadable" in why for _, why in report.items):
+    if not train and not val and all(why.endswith(" not found") for _, why in report.items):
         dirs = ", ".join(sorted({relative(x.parent, root) + "/" for x in xmls})[:4])
         raise DataError(
             f"{root}: found {len(xmls)} .xml files in {dirs} but no images named like them (looked beside "

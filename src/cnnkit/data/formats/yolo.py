@@ -18,14 +18,13 @@ from cnnkit.data.formats.base import (
     Splits,
     files_under,
     finish,
-    image_size,
     images_under,
     read_names_file,
     relative,
+    sized,
     split_of,
     splits_of,
 )
-from cnnkit.data.images import is_image
 from cnnkit.data.report import DataReport
 from cnnkit.errors import DataError
 from cnnkit.io import load_yaml
@@ -74,22 +73,34 @@ def read_yolo_images(
         if require_labels and not label_file.is_file():
             report.add(image, "no label file beside it (not annotated?)")
             continue
-        size = image_size(image)
+        size = sized(image, image.name, image, report, strict)
         if size is None:
-            report.add(image, "missing or unreadable image", strict)
             continue
+        if not label_file.is_file():
+            report.background += 1
         parsed = _parse_labels(label_file, size, len(names), report, strict)
-        if parsed is not None:
-            b, lab = finish(parsed[0], parsed[1], size, str(label_file), report)
-            samples.append(DetSample(image, b, lab, size))
+        if parsed is None:
+            continue
+        boxes, labels, lines = parsed
+        sample = finish(image, boxes, labels, size, str(label_file), report, strict, lines)
+        if sample is not None:
+            samples.append(sample)
     return samples, report
 
 
 def _parse_labels(
     label_file: Path, size: tuple[int, int], n_names: int, report: DataReport, strict: bool
-) -> tuple[list[list[float]], list[int]] | None:
-    boxes, labels = [], []
-    lines = label_file.read_text().splitlines() if label_file.is_file() else []
+) -> tuple[list[list[float]], list[int], list[str]] | None:
+    """Boxes (``xyxy`` pixels), classes and the ``file:line`` of each; None (reported) when a line is
+    malformed or names a class out of range."""
+    boxes, labels, where = [], [], []
+    try:
+        lines = label_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except OSError as exc:
+        report.add(label_file, f"cannot read ({exc.strerror})", strict)
+        return None
     h, w = size
     for lineno, line in enumerate(lines, start=1):
         parts = line.split()
@@ -117,7 +128,8 @@ def _parse_labels(
             return None
         boxes.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
         labels.append(c)
-    return boxes, labels
+        where.append(f"{label_file}:{lineno}")
+    return boxes, labels, where
 
 
 # -- with a data.yaml --------------------------------------------------------------------------------------
@@ -145,7 +157,7 @@ def yolo_split_images(spec: Any, base: Path) -> list[Path]:
     if path.is_file() and path.suffix == ".txt":
         return _image_list(path, base)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if is_image(p))
+        return images_under(path, max_depth=None)
     raise DataError(f"{path}: split not found (a folder of images or a txt list of image paths)")
 
 
