@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from cnnkit.errors import CnnkitError
+from cnnkit.io import why_not_written
 
 
 def _imgsz(text: str) -> int | tuple[int, int]:
@@ -173,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CnnkitError as exc:
         print(f"cnnkit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no (a missing file, a full disk): one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cnnkit: error: {where}{why_not_written(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)

@@ -75,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec: TaskSpec = args.spec
     if args.resume:
         _refuse_options_with_resume(args, spec)
-        result = run.resume(args.resume)
+        changes = {k: v for k, v in values_from_args(args, TrainConfig).items() if k in run.RESUME_CHANGES}
+        result = run.resume(args.resume, task=spec.name, **changes)
     else:
         train_yaml, task_yaml = _split_yaml(args.config, spec)
         opts: Any = config_from_dict(spec.Options, {**task_yaml, **values_from_args(args, spec.Options)})
@@ -95,8 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _refuse_options_with_resume(args: argparse.Namespace, spec: TaskSpec) -> None:
     """A resumed run continues with the options it was started with; a flag that would change them is
-    refused rather than silently ignored."""
+    refused rather than silently ignored (``--epochs`` extends the run, and the running knobs ``--device``,
+    ``--workers``, ``--quiet`` and ``--plots`` may change)."""
+    from cnnkit.workflows.run import RESUME_CHANGES
+
     given = [*values_from_args(args, spec.Options), *values_from_args(args, TrainConfig)]
+    given = [k for k in given if k not in RESUME_CHANGES]
     if args.config:
         given.append("config")
     if given:

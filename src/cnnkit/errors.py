@@ -13,3 +13,8 @@ class DataError(CnnkitError):
 
 class WeightsError(CnnkitError):
     """A weights file does not fit the model; the message names the keys and shapes."""
+
+
+class OutputError(CnnkitError):
+    """An output cannot be written: the disk is full, the folder is read-only, or a file stands where
+    a folder must be. The message names the path; what was written before is intact."""

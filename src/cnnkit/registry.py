@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
 from cnnkit.hub import TRANSFORM_INPUT_MODELS, download_torchvision_weights
-from cnnkit.weights import load_weights, read_metadata
+from cnnkit.weights import load_weights, read_metadata, tensor_count
 
 ModelBuilder = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelBuilder)
@@ -118,10 +119,12 @@ def create_model(
     builder = get_builder(name)
     from cnnkit.models.base import ConvNet, FeatureExtractor
 
+    if path is not None and meta.get("model") == name:
+        _check_size(name, builder, args, path)
     try:
         model = builder(**args)
-    except TypeError as exc:
-        if "unexpected keyword" not in str(exc):
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, TypeError) and "unexpected keyword" not in str(exc):
             raise
         raise CnnkitError(f"{name}: {exc}; see help(cnnkit.models) for the builder's arguments") from None
     model.cnnkit_config = {"name": name, "args": _jsonable(args)}  # type: ignore[assignment]
@@ -132,6 +135,27 @@ def create_model(
             raise CnnkitError(f"{name} has no stages to extract features from")
         return FeatureExtractor(model, out_indices)
     return model
+
+
+def _check_size(name: str, builder: Any, args: dict[str, Any], path: Path) -> None:
+    """Refuse build arguments (from a weights file's metadata) that would build a model much larger than
+    the file's tensors, before anything is allocated: the model is built on the ``meta`` device (shapes
+    only) and its size compared with the file's header. An edited ``width: 40`` is an error, not an
+    exhausted memory."""
+    try:
+        with torch.device("meta"):
+            shapes = builder(**args)
+    except (TypeError, ValueError) as exc:
+        raise CnnkitError(f"{path}: its metadata does not build {name} ({exc})") from None
+    except Exception:  # a builder that needs real tensors: the weights' own shape check still applies
+        return
+    needed = sum(t.numel() for t in (*shapes.parameters(), *shapes.buffers()))
+    held = tensor_count(path)
+    if needed > 2 * held + 1_000_000:
+        raise CnnkitError(
+            f"{path}: its metadata builds a {name} of {needed:,} values but the file holds {held:,}: "
+            "the metadata does not match the tensors (an edited or corrupt file)"
+        )
 
 
 def load_model(path: str | os.PathLike[str], **overrides: Any) -> nn.Module:

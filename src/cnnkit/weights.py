@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -81,8 +82,24 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("cnnkit."):
-            out[key.removeprefix("cnnkit.")] = json.loads(value)
+            try:
+                out[key.removeprefix("cnnkit.")] = json.loads(value)
+            except json.JSONDecodeError:
+                raise WeightsError(f"{path}: metadata {key!r} is not JSON: {value[:80]!r}") from None
+    if not isinstance(out.get("args", {}), dict):
+        raise WeightsError(f"{path}: metadata 'cnnkit.args' must be a JSON object, got {out['args']!r}")
     return out
+
+
+def tensor_count(path: str | os.PathLike[str]) -> int:
+    """The number of values the tensors of a ``.safetensors`` file hold, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:

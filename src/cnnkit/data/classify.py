@@ -170,6 +170,10 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
 
 def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded train/val split of ``range(n)``, stratification left to the caller."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1 (the share held out), got {val_fraction}")
+    if n < 2:
+        raise DataError(f"{n} usable sample{'s' if n != 1 else ''}: too few to hold some out for validation")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(n * val_fraction))

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cnnkit.data.report import DataReport
 from cnnkit.data.walk import walk_files
 from cnnkit.errors import DataError
+from cnnkit.io import make_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _FAST = {".jpg", ".jpeg", ".png", ".webp"}
@@ -255,7 +256,7 @@ class OutputNames:
             raise DataError(
                 f"{target}: writing a prediction there would overwrite an input; choose another --out"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(target.parent)
         return target
 
 

@@ -297,7 +297,9 @@ def read_landmarks_csv(
             pts = torch.tensor([_point(v) for v in values], dtype=torch.float32).view(-1, 2)
         except ValueError as exc:
             report.add(
-                where, f"coordinate {exc} is not a number (leave the cell empty for an invisible point)", strict
+                where,
+                f"coordinate {exc} is not a number (leave the cell empty for an invisible point)",
+                strict,
             )
             continue
         n = len(values) // 2

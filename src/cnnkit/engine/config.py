@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -56,14 +57,18 @@ class TrainConfig:
     plots: bool = _help(True, "draw results.png and the task's plots")
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch < 1 or self.imgsz < 1:
-            raise CnnkitError(
-                f"epochs, batch and imgsz must be positive (got {self.epochs}, {self.batch}, {self.imgsz})"
-            )
-        if self.accumulate < 1:
-            raise CnnkitError(f"accumulate must be at least 1, got {self.accumulate}")
-        if self.lr <= 0:
-            raise CnnkitError(f"lr must be positive, got {self.lr}")
+        at_least = {"epochs": 1, "batch": 1, "imgsz": 8, "accumulate": 1, "save_period": 1, "workers": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise CnnkitError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise CnnkitError(f"patience must be at least 1 epoch, got {self.patience}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "grad_clip", "momentum", "ema_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise CnnkitError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise CnnkitError("lr must be positive, got 0")
         for name, allowed in (
             ("optimizer", Optimizer.__args__),  # type: ignore[attr-defined]
             ("schedule", Schedule.__args__),  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cnnkit.engine import distributed as distrib
 from cnnkit.engine.device import autocast
 from cnnkit.errors import CnnkitError
+from cnnkit.io import make_dir
 from cnnkit.tasks.base import Task
 
 log = logging.getLogger("cnnkit")
@@ -42,7 +43,7 @@ def new_run_dir(root: str | os.PathLike[str], task: str, name: str = "exp", exis
     while path.exists() and not exist_ok:
         path = base / f"{name}{n}"
         n += 1
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path)
     return Path(distrib.broadcast_object(str(path)))
 
 
@@ -163,3 +164,35 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         return dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
         raise CnnkitError(f"cannot resume from {path}: {exc}") from exc
+
+
+def check_trainable(model: nn.Module, cfg: Any, name: str) -> None:
+    """One training-mode forward pass on a blank batch of this run's shape, before any file is written:
+    a model that cannot take ``--imgsz`` inputs, or BatchNorm that cannot train on ``--batch`` 1 at this
+    size, is a one-line error instead of a traceback in the first step. Buffers (BatchNorm statistics)
+    and the random state are restored, so the run is the same as without the check."""
+    imgsz = cfg.imgsz if isinstance(cfg.imgsz, int) else tuple(cfg.imgsz)
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    x = torch.zeros(min(cfg.batch, 2), 3, h, w)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            model(x)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise CnnkitError(
+            f"--batch {cfg.batch}: {name}'s BatchNorm cannot train on one image at a time at --imgsz "
+            f"{cfg.imgsz} (a feature map is 1x1); use --batch 2 or more, or a larger --imgsz"
+        ) from None
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CnnkitError(
+            f"{name} cannot take {h}x{w} inputs ({first}); try a larger --imgsz or another model"
+        ) from None
+    finally:
+        for b, saved in buffers:
+            b.copy_(saved)
+        model.train(was_training)

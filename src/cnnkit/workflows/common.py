@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.loops import evaluate, load_training_state, make_loader
 from cnnkit.errors import CnnkitError
@@ -48,8 +48,15 @@ def resume_point(resume: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], 
     """``(last.pt path, run metadata, training config)`` of a run directory or its ``weights/last.pt``."""
     path = Path(resume)
     last = path / "weights" / "last.pt" if path.is_dir() else path
-    meta = load_training_state(last)["metadata"]
-    return last, meta, TrainConfig(**meta["train_config"])
+    state = load_training_state(last)
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or not {"task", "train_config", "model_config"} <= set(meta):
+        raise CnnkitError(
+            f"cannot resume from {last}: not a training state written by cnnkit train (no run record); "
+            "pass a run directory or its weights/last.pt, or start a new run with --pretrained"
+        )
+    meta["completed_epochs"] = int(state.get("epoch", 0))
+    return last, meta, config_from_dict(TrainConfig, meta["train_config"], f"{last} (train_config)")
 
 
 def rebuild_model(meta: dict[str, Any]) -> nn.Module:

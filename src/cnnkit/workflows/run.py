@@ -23,6 +23,7 @@ from typing import Any
 
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig, config_from_dict
+from cnnkit.engine.loops import check_trainable
 from cnnkit.engine.trainer import FitResult, new_run_dir, seed_everything
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.weights import read_metadata
@@ -65,10 +66,14 @@ def train(
         raise CnnkitError("pass the task's options either as options= or as keyword arguments, not both")
     if not getattr(options, "data", None):
         raise CnnkitError(f"train {spec.name}: data is required")
+    fraction = getattr(options, "val_fraction", 0.2)
+    if not 0 < fraction < 1:
+        raise CnnkitError(f"val_fraction must be between 0 and 1 (the share held out), got {fraction}")
     cfg = cfg or TrainConfig()
     data_ = spec.build_data(options, cfg)
     seed_everything(cfg.seed)  # the new model's initialisation is part of the seeded run
     model = spec.build_model(options, data_, cfg)
+    check_trainable(model, cfg, getattr(options, "model", None) or spec.name)
     config: dict[str, Any] = model.cnnkit_config  # type: ignore[assignment]
     for key in ("weights", "backbone_weights", "encoder_weights"):  # weights come from checkpoints now
         config["args"].pop(key, None)
@@ -92,11 +97,36 @@ def train(
     )
 
 
-def resume(run: str | os.PathLike[str], *, callbacks: Sequence[Callback] = ()) -> FitResult:
+RESUME_CHANGES = ("epochs", "device", "workers", "quiet", "plots")  # what a resumed run may change
+
+
+def resume(
+    run: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    **changes: Any,
+) -> FitResult:
     """Continue a stopped run (its directory or ``weights/last.pt``) with the model, data, options and
-    training configuration it was started with."""
+    training configuration it was started with. ``changes``: only :data:`RESUME_CHANGES`; ``epochs``
+    (more than the run has done) extends it, the schedule stretched to the new length. ``task``:
+    refuse a run of another task."""
     last, meta, cfg = resume_point(run)
-    spec = get_task(meta.get("task", "classify"))
+    done = meta.pop("completed_epochs")
+    if task is not None and meta["task"] != task:
+        raise CnnkitError(f"{run} is a {meta['task']} run: cnnkit train {meta['task']} --resume {run}")
+    refused = sorted(set(changes) - set(RESUME_CHANGES))
+    if refused:
+        raise CnnkitError(f"a resumed run keeps its {refused}; it may change only {list(RESUME_CHANGES)}")
+    if changes.get("epochs") is not None and changes["epochs"] <= done:
+        raise CnnkitError(
+            f"epochs {changes['epochs']}: {run} has already trained {done}; give more to extend it"
+        )
+    if "epochs" in changes:
+        log.info("extending %s from %d to %d epochs", run, cfg.epochs, changes["epochs"])
+    cfg = cfg.replace(**changes)
+    meta["train_config"] = {**meta["train_config"], **changes}
+    spec = get_task(meta["task"])
     options = options_from_record(spec, meta, str(last))
     data = spec.build_data(options, cfg, meta.get("class_names"))
     if meta.get("class_names") and data.names != meta["class_names"]:
@@ -104,11 +134,13 @@ def resume(run: str | os.PathLike[str], *, callbacks: Sequence[Callback] = ()) -
             f"{options.data}: the classes changed since the run started (were {meta['class_names']})"
         )
     model = rebuild_model(meta)
-    task = spec.objective(options, data, model, cfg)
+    objective = spec.objective(options, data, model, cfg)
     run_dir = last.parent.parent
     if int(meta.get("stage", 1)) > 1:  # a later stage lives in a folder of its run
         run_dir = run_dir.parent
-    return spec.fit(task, model, data, cfg, run_dir, meta, opts=options, resume=last, callbacks=callbacks)
+    return spec.fit(
+        objective, model, data, cfg, run_dir, meta, opts=options, resume=last, callbacks=callbacks
+    )
 
 
 def val(
