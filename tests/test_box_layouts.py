@@ -281,21 +281,3 @@ def test_data_convert_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         == 2
     )
     assert "inside the source dataset" in capsys.readouterr().err
-
-
-def test_no_prediction_overwrites_an_input_or_another_output(tmp_path: Path) -> None:
-    """Seen: predict on a/img.png, a/img.jpg and b/img.png wrote one mask file (two results lost)."""
-    from cnnkit.cli import main
-
-    yolo_plain(tmp_path / "set")
-    cfg = TrainConfig(epochs=1, batch=4, imgsz=32, workers=0, quiet=True, plots=False)
-    tiny = {"backbone": "resnet18", "backbone_args": {"width": 0.125}}
-    weights = str(run.train("localize", tmp_path / "set", cfg=cfg, project=tmp_path / "runs", **tiny).best)
-    for folder, suffix in (("a", ".png"), ("a", ".jpg"), ("b", ".png")):
-        _image(tmp_path / "in" / folder / f"img{suffix}", (40, 30))
-    records = list(run.predict(weights, [str(tmp_path / "in")], out=str(tmp_path / "out")))
-    drawn = {r.data["drawn"] for r in records}
-    assert len(records) == 3 and len(drawn) == 3 and all(Path(d).is_file() for d in drawn)
-    with pytest.raises(DataError, match="would overwrite an input"):
-        list(run.predict(weights, [str(tmp_path / "in" / "a" / "img.png")], out=str(tmp_path / "in" / "a")))
-    assert main(["export", "--weights", weights, "--out", weights]) == 2

@@ -110,11 +110,12 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
         *,
         source: str = "dataset",
         verify: bool = True,
+        strict: bool = False,
     ) -> None:
         self.class_names = list(class_names)
         self.transform = transform
         self.skipped = DataReport()
-        good = keep_readable(samples, lambda s: s[0], self.skipped) if verify else list(samples)
+        good = keep_readable(samples, lambda s: s[0], self.skipped, strict) if verify else list(samples)
         if self.skipped:
             log.warning(
                 "%s: skipped %d unreadable images:\n%s", source, len(self.skipped), self.skipped.report()
@@ -172,8 +173,6 @@ def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     """A seeded train/val split of ``range(n)``, stratification left to the caller."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (the share held out), got {val_fraction}")
-    if n < 2:
-        raise DataError(f"{n} usable sample{'s' if n != 1 else ''}: too few to hold some out for validation")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(n * val_fraction))

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
     """The image at ``path`` opened lazily (header only) after checking it is within :data:`LIMITS`;
     :class:`DataError` naming the file otherwise."""
     path = Path(path)
+    if Image.MAX_IMAGE_PIXELS is not None and LIMITS.max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels  # Pillow's own guard must not refuse what is allowed
     try:
         nbytes = path.stat().st_size
         if nbytes > LIMITS.max_bytes:
@@ -69,20 +72,24 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
                 f"{path}: {nbytes / 2**20:.0f} MB is over the {LIMITS.max_bytes / 2**20:.0f} MB limit "
                 "for an image (set CNNKIT_MAX_IMAGE_BYTES to allow it)"
             )
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > LIMITS.max_pixels:
-                raise DataError(
-                    f"{path}: {w}x{h} pixels is over the limit of {LIMITS.max_pixels:,} "
-                    "(a decompression bomb?); set CNNKIT_MAX_IMAGE_PIXELS to allow it"
-                )
-            yield im
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > LIMITS.max_pixels:
+                    raise DataError(f"{path}: {w}x{h} pixels {_OVER_LIMIT.format(LIMITS.max_pixels)}")
+                yield im
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own bound, when ours was set above it
-        raise DataError(f"{path}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own guard (twice its limit) tripped first
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"{int(size.group(1)):,} pixels" if size else "the image"
+        raise DataError(f"{path}: {what} {_OVER_LIMIT.format(LIMITS.max_pixels)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
+
+
+_OVER_LIMIT = "is over the limit of {:,} (a decompression bomb?); set CNNKIT_MAX_IMAGE_PIXELS to allow it"
 
 
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:

@@ -58,6 +58,7 @@ class ClassifyOptions:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
     fliplr: float = option(0.5, "horizontal flip probability")
     crop_fraction: float = option(0.875, "evaluation: centre crop of the resized image")
+    strict: bool = option(False, "stop at the first unreadable image instead of skipping it")
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,18 @@ class Classify(TaskSpec):
         train, val, found = resolve_splits(opts.data or ".", opts.val, opts.val_fraction, cfg.seed)
         augment = AugmentConfig(hflip=opts.fliplr, crop_fraction=opts.crop_fraction)
         train_set = ClassificationDataset(
-            train, found, classify_train_transform(cfg.imgsz, augment), source=f"{opts.data} (train)"
+            train,
+            found,
+            classify_train_transform(cfg.imgsz, augment),
+            source=f"{opts.data} (train)",
+            strict=opts.strict,
         )
         val_set = ClassificationDataset(
-            val, found, classify_eval_transform(cfg.imgsz, opts.crop_fraction), source=f"{opts.data} (val)"
+            val,
+            found,
+            classify_eval_transform(cfg.imgsz, opts.crop_fraction),
+            source=f"{opts.data} (val)",
+            strict=opts.strict,
         )
         skipped = [*train_set.skipped.items, *val_set.skipped.items]
         return TaskData(train_set, val_set, found, skipped, {"crop_fraction": opts.crop_fraction})

@@ -80,8 +80,10 @@ def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:
 
     if not items or not info().is_main:
         return
-    text = "".join(f"{p}: {r}\n" for p, r in items)  # file names that are not UTF-8 are written escaped
-    (run_dir / "skipped.txt").write_text(text, encoding="utf-8", errors="backslashreplace")
+    text = "".join(f"{p}: {r}\n" for p, r in items)
+    # a file name that is not UTF-8 is written with its bytes escaped (b"caf\xe9" -> "caf\\xe9")
+    printable = os.fsencode(text).decode("utf-8", errors="backslashreplace")
+    (run_dir / "skipped.txt").write_text(printable, encoding="utf-8")
     log.warning("%d files skipped; listed in %s", len(items), run_dir / "skipped.txt")
 
 

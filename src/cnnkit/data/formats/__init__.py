@@ -107,7 +107,9 @@ def read_box_data(
         val_samples = _renamed([*other.train, *other.val], other.names, names, val)
         report.merge(other.report)
     how = "its own validation split"
-    if val_samples is None:
+    if val_samples is None and val_fraction == 0:  # all of it is wanted (a separate --val set)
+        val_samples, how = [], "no validation split"
+    elif val_samples is None:
         tr, va = split_dataset(len(train), val_fraction, seed)
         train, val_samples = [train[i] for i in tr], [train[i] for i in va]
         how = f"no validation split: seeded {100 - 100 * val_fraction:.0f}/{100 * val_fraction:.0f} split"
