@@ -104,13 +104,14 @@ def _localization(root: Path, classifier: Path) -> Path:
     data = root / "digit-boxes"
     if not (data / "train.csv").is_file():
         write_localization(data, seed=0)
-    cfg = TrainConfig(epochs=16, batch=32, imgsz=48, lr=3e-3, workers=1)
+    cfg = TrainConfig(epochs=16, batch=32, imgsz=64, lr=3e-3, workers=1)
     result = run.train(
         "localize",
         data,
         backbone="resnet18",
         backbone_args={"width": 0.25},
         pretrained=str(classifier),
+        fliplr=0.0,  # a mirrored digit is not the same digit
         cfg=cfg,
         project=root,
         name="digit-boxes",

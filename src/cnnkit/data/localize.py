@@ -200,7 +200,12 @@ class LocalizationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """``(image [3, S, S], target [6])``: target ``(object, b_x, b_y, b_h, b_w, class)``, box normalised."""
 
     def __init__(
-        self, samples: Sequence[LocSample], class_names: Sequence[str], imgsz: int, train: bool
+        self,
+        samples: Sequence[LocSample],
+        class_names: Sequence[str],
+        imgsz: int,
+        train: bool,
+        fliplr: float = 0.5,
     ) -> None:
         self.samples = list(samples)
         self.class_names = list(class_names)
@@ -212,7 +217,7 @@ class LocalizationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         steps: list[torch.nn.Module] = [v2.Resize((imgsz, imgsz), antialias=True)]
         if train:
             steps += [
-                v2.RandomHorizontalFlip(0.5),
+                v2.RandomHorizontalFlip(fliplr),
                 v2.RandomAffine(0, translate=(0.08, 0.08), scale=(0.9, 1.1)),
                 v2.ColorJitter(0.2, 0.2, 0.2),
                 v2.ClampBoundingBoxes(),

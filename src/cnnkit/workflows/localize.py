@@ -50,6 +50,7 @@ class LocalizeOptions:
     backbone: str = option("resnet18", BACKBONE)
     backbone_args: dict[str, Any] | None = option(None, BACKBONE_ARGS)
     pretrained: str | None = option(None, PRETRAINED_BACKBONE)
+    fliplr: float = option(0.5, "horizontal flip probability (0 where a mirror image is another class)")
     strict: bool = option(False, STRICT)
 
 
@@ -116,7 +117,7 @@ class Localize(_OneObject):
         if not names:
             raise DataError(f"{opts.data}: no image has an object; a localizer needs at least one class")
         sets = (
-            LocalizationDataset(train, names, cfg.imgsz, True),
+            LocalizationDataset(train, names, cfg.imgsz, True, opts.fliplr),
             LocalizationDataset(val, names, cfg.imgsz, False),
         )
         return TaskData(*sets, names, report.skipped())
