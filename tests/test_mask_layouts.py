@@ -253,6 +253,50 @@ def test_a_rect_run_trains_validates_and_predicts_at_each_images_size(tmp_path: 
     assert np.asarray(Image.open(pred.data["mask"])).shape == (32, 40)
 
 
+def test_imgsz_h_w_trains_and_evaluates_non_square(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--imgsz H W``: training crops are H x W, evaluation fits each image inside H x W (aspect kept,
+    padded) and scores it at its own size, predict writes masks at each image's size; other tasks refuse
+    two sizes in words."""
+    import torch
+
+    from cnnkit.cli import main
+    from cnnkit.data.segment import SegmentationTransform, fit_within
+
+    image, mask = torch.zeros(3, 30, 80, dtype=torch.uint8), torch.ones(30, 80, dtype=torch.uint8)
+    img, msk = SegmentationTransform((24, 48), train=True, scale=(1.0, 1.0))(image, mask)
+    assert img.shape == (3, 24, 48) and msk.shape == (24, 48)
+    img, full = SegmentationTransform((24, 48), train=False)(image, mask)
+    assert fit_within(30, 80, (24, 48)) == (18, 48)  # the width decides: 80 -> 48, 30 -> 18
+    assert img.shape == (3, 24, 48) and full.shape == (30, 80)
+    singular(tmp_path / "set")  # 40x32 images (w x h)
+    argv = ["train", "segment", "--data", str(tmp_path / "set"), "--model", "unet_same", "--model-args"]
+    argv += [
+        '{"base": 4, "depth": 2}',
+        "--imgsz",
+        "24",
+        "32",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--workers",
+        "0",
+    ]
+    assert main([*argv, "--quiet", "--no-plots", "--project", str(tmp_path / "runs")]) == 0
+    weights = tmp_path / "runs" / "segment" / "exp" / "weights" / "best.safetensors"
+    from cnnkit.weights import read_metadata
+
+    assert read_metadata(weights)["imgsz"] == [24, 32]
+    assert "fg_iou" in run.val(weights).metrics
+    (pred,) = run.predict(weights, [str(tmp_path / "set" / "image" / "0.jpg")], out=str(tmp_path / "p"))
+    assert np.asarray(Image.open(pred.data["mask"])).shape == (32, 40)
+    capsys.readouterr()
+    assert main(["train", "classify", "--data", str(tmp_path / "set"), "--imgsz", "24", "32"]) == 2
+    assert "this task takes one size" in capsys.readouterr().err
+
+
 def test_builtin_scenes(tmp_path: Path) -> None:
     from cnnkit.cli import main
     from cnnkit.data.scenes import SCENE_CLASSES

@@ -82,13 +82,13 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int 
 
 def _load(model: str, imgsz: int | None) -> tuple[str, nn.Module, int]:
     if Path(model).is_file():
-        from cnnkit.weights import read_metadata
+        from cnnkit.weights import max_side, read_metadata
 
         meta = read_metadata(model)
         net = create_model(None, weights=model).eval()
         if meta.get("task") == "detect":
             net = DecodedDetector(net)
-        return str(meta.get("model", model)), net, int(imgsz or meta.get("imgsz") or 224)
+        return str(meta.get("model", model)), net, int(imgsz or max_side(meta.get("imgsz")) or 224)
     return model, create_model(model).eval(), int(imgsz or 224)
 
 

@@ -29,7 +29,7 @@ from torchvision.ops import boxes as tv_boxes
 from cnnkit.api import create_model
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm
-from cnnkit.weights import read_metadata
+from cnnkit.weights import max_side, read_metadata
 
 log = logging.getLogger("cnnkit")
 ExportFormat = Literal["onnx", "torchscript"]
@@ -173,7 +173,7 @@ def export(
     if "model" not in meta:
         raise CnnkitError(f"{weights}: no cnnkit metadata naming the model; export needs cnnkit weights")
     task = str(meta.get("task", "classify"))
-    size = int(imgsz or meta.get("imgsz") or 224)
+    size = int(imgsz or max_side(meta.get("imgsz")) or 224)
     model, folded = fold_batchnorm(create_model(None, weights=weights))
     net = _exportable(model, task, nms, conf, iou, max_det).eval()
     in_chans = int(meta.get("args", {}).get("in_chans", 3)) if isinstance(meta.get("args"), dict) else 3

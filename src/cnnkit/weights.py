@@ -91,6 +91,14 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def max_side(imgsz: Any) -> int | None:
+    """The long side of an input size a run recorded (``S``, or ``[H, W]`` for segmentation keeping the
+    aspect ratio); None when there is none."""
+    if isinstance(imgsz, list | tuple):
+        return max(int(v) for v in imgsz) if imgsz else None
+    return None if imgsz is None else int(imgsz)
+
+
 def tensor_count(path: str | os.PathLike[str]) -> int:
     """The number of values the tensors of a ``.safetensors`` file hold, from its header alone."""
     from safetensors import safe_open

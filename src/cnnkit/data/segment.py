@@ -27,27 +27,32 @@ from cnnkit.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def fit_within(h: int, w: int, size: Sequence[float]) -> tuple[int, int]:
+    """``(h', w')`` of an ``h x w`` image resized to fit inside ``size = (H, W)``, aspect ratio kept."""
+    scale = min(size[0] / h, size[1] / w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def fit_long_side(h: int, w: int, size: int) -> tuple[int, int]:
     """``(h', w')`` of an ``h x w`` image resized so its long side is ``size``, aspect ratio kept."""
-    scale = size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
+    return fit_within(h, w, (size, size))
 
 
 class SegmentationTransform:
     """Image and mask transformed together (``tv_tensors.Mask`` gets nearest-neighbour resampling).
 
-    Square (default): training takes a random resized crop (``scale``) to ``imgsz x imgsz``, evaluation
-    resizes the image to ``imgsz x imgsz``. ``rect``: the aspect ratio is kept: training resizes the
-    long side to ``imgsz`` times a random factor (``sqrt`` of the ``scale`` range around 1) and takes a
-    random ``imgsz x imgsz`` crop (padded where the image is smaller; padded mask pixels are ignored),
-    evaluation resizes the long side to ``imgsz`` and pads the bottom/right to a square. Both flip and
-    jitter colours when training. Evaluation keeps the mask at its own resolution (``full_res``), so
-    metrics are computed at the original size.
+    ``imgsz``: ``S`` or ``(H, W)``. Square (an ``S`` without ``rect``): training takes a random resized
+    crop (``scale``) to ``S x S``, evaluation resizes the image to ``S x S``. ``rect`` (always with
+    ``(H, W)``): the aspect ratio is kept: training resizes the image to fit ``H x W`` times a random
+    factor (``sqrt`` of the ``scale`` range around 1) and takes a random ``H x W`` crop (padded where the
+    image is smaller; padded mask pixels are ignored), evaluation resizes it to fit ``H x W`` and pads the
+    bottom/right. Both flip and jitter colours when training. Evaluation keeps the mask at its own
+    resolution (``full_res``), so metrics are computed at the original size.
     """
 
     def __init__(
         self,
-        imgsz: int,
+        imgsz: int | tuple[int, int],
         train: bool,
         scale: tuple[float, float] = (0.5, 1.0),
         hflip: float = 0.5,
@@ -56,20 +61,19 @@ class SegmentationTransform:
         rect: bool = False,
         ignore_index: int = 255,
     ) -> None:
-        self.imgsz, self.train, self.rect, self.ignore_index = imgsz, train, rect, ignore_index
+        self.size = (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
+        self.train, self.ignore_index = train, ignore_index
+        self.rect = rect or not isinstance(imgsz, int)
         self.image_only = not train and full_res
         self.zoom = (scale[0] ** 0.5, max(scale[1], 1 / scale[0]) ** 0.5)
         steps: list[torch.nn.Module] = []
-        if train and not rect:
-            steps = [v2.RandomResizedCrop(imgsz, scale=scale, antialias=True)]
+        if train and not self.rect:
+            steps = [v2.RandomResizedCrop(self.size, scale=scale, antialias=True)]
         elif train:
-            steps = [
-                v2.RandomCrop(
-                    imgsz, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
-                )
-            ]
-        elif not rect:
-            steps = [v2.Resize((imgsz, imgsz), antialias=True)]
+            fill = {tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+            steps = [v2.RandomCrop(self.size, pad_if_needed=True, fill=fill)]  # type: ignore[arg-type]
+        elif not self.rect:
+            steps = [v2.Resize(self.size, antialias=True)]
         if train:
             steps.append(v2.RandomHorizontalFlip(hflip))
             if jitter > 0:
@@ -78,12 +82,10 @@ class SegmentationTransform:
         self.transform = v2.Compose(steps)
 
     def _resize(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[Any, Any]:
-        """``rect``: the long side to ``imgsz`` (training: times a random zoom)."""
+        """``rect``: to fit ``H x W`` (training: times a random zoom)."""
         h, w = image.shape[-2:]
-        size = self.imgsz
-        if self.train:
-            size = round(size * float(torch.empty(1).uniform_(*self.zoom)))
-        nh, nw = fit_long_side(h, w, size)
+        zoom = float(torch.empty(1).uniform_(*self.zoom)) if self.train else 1.0
+        nh, nw = fit_within(h, w, (self.size[0] * zoom, self.size[1] * zoom))
         image = v2.functional.resize(image, [nh, nw], antialias=True)
         if not self.image_only:
             mask = v2.functional.resize(mask, [nh, nw], interpolation=v2.InterpolationMode.NEAREST)
@@ -99,17 +101,14 @@ class SegmentationTransform:
         img, msk = self.transform(img, msk)
         img, msk = img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).long()
         if self.rect and not self.train:  # a resized mask is padded like its image, with ignored pixels
-            h, w = msk.shape[-2:]
-            msk = torch.nn.functional.pad(
-                msk, (0, self.imgsz - w, 0, self.imgsz - h), value=self.ignore_index
-            )
+            msk = self._pad(msk, self.ignore_index)
             img = self._pad(img)
         return img, msk
 
-    def _pad(self, image: torch.Tensor) -> torch.Tensor:
-        """Evaluation in ``rect``: pad the bottom/right to ``imgsz x imgsz`` with zeros (the mean colour)."""
-        h, w = image.shape[-2:]
-        return torch.nn.functional.pad(image, (0, self.imgsz - w, 0, self.imgsz - h))
+    def _pad(self, x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """Evaluation in ``rect``: pad the bottom/right to ``H x W`` (images with zeros: the mean colour)."""
+        h, w = x.shape[-2:]
+        return torch.nn.functional.pad(x, (0, self.size[1] - w, 0, self.size[0] - h), value=value)
 
 
 def collate_segmentation(

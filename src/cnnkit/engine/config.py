@@ -33,7 +33,15 @@ class TrainConfig:
     batch: int = _help(32, "per-process batch size (global batch = batch x processes x accumulate)")
     accumulate: int = _help(1, "micro-batches per optimizer step (gradient accumulation)")
     sync_bn: bool = _help(False, "BatchNorm statistics over the global batch (CUDA, distributed)")
-    imgsz: int = _help(224, "input size")
+    imgsz: int | tuple[int, int] = field(
+        default=224,
+        metadata={
+            "help": "input size: S (square), or H W (segmentation: keeps each image's aspect ratio)",
+            "parse": int,
+            "nargs": "+",
+            "metavar": "SIZE",
+        },
+    )
     optimizer: Optimizer = _help("adamw", "optimizer")
     lr: float = _help(1e-3, "learning rate")
     momentum: float = 0.9  # SGD momentum / Adam beta1
@@ -57,7 +65,14 @@ class TrainConfig:
     plots: bool = _help(True, "draw results.png and the task's plots")
 
     def __post_init__(self) -> None:
-        at_least = {"epochs": 1, "batch": 1, "imgsz": 8, "accumulate": 1, "save_period": 1, "workers": 0}
+        if isinstance(self.imgsz, list | tuple):  # from the command line, YAML or a run record
+            sizes = tuple(int(v) for v in self.imgsz)
+            if len(sizes) not in (1, 2):
+                raise CnnkitError(f"imgsz is one size or H W, got {list(sizes)}")
+            self.imgsz = sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+        if min(self.hw) < 8:
+            raise CnnkitError(f"imgsz must be at least 8, got {self.imgsz}")
+        at_least = {"epochs": 1, "batch": 1, "accumulate": 1, "save_period": 1, "workers": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise CnnkitError(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -76,6 +91,21 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise CnnkitError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the input."""
+        return (self.imgsz, self.imgsz) if isinstance(self.imgsz, int) else self.imgsz
+
+    @property
+    def square(self) -> int:
+        """The one input size of a task whose inputs are square; ``--imgsz H W`` is refused in words."""
+        if not isinstance(self.imgsz, int):
+            raise CnnkitError(
+                f"--imgsz {self.imgsz[0]} {self.imgsz[1]}: this task takes one size (e.g. --imgsz "
+                f"{max(self.imgsz)}); H W is for segmentation"
+            )
+        return self.imgsz
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

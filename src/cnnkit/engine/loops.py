@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cnnkit.engine import distributed as distrib
+from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import autocast
 from cnnkit.errors import CnnkitError
 from cnnkit.io import make_dir
@@ -166,13 +167,12 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CnnkitError(f"cannot resume from {path}: {exc}") from exc
 
 
-def check_trainable(model: nn.Module, cfg: Any, name: str) -> None:
+def check_trainable(model: nn.Module, cfg: TrainConfig, name: str) -> None:
     """One training-mode forward pass on a blank batch of this run's shape, before any file is written:
     a model that cannot take ``--imgsz`` inputs, or BatchNorm that cannot train on ``--batch`` 1 at this
     size, is a one-line error instead of a traceback in the first step. Buffers (BatchNorm statistics)
     and the random state are restored, so the run is the same as without the check."""
-    imgsz = cfg.imgsz if isinstance(cfg.imgsz, int) else tuple(cfg.imgsz)
-    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    h, w = cfg.hw
     x = torch.zeros(min(cfg.batch, 2), 3, h, w)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cnnkit.data.segment import fit_long_side
+from cnnkit.data.segment import fit_within
 from cnnkit.tasks.base import ImageTask, Logs
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
@@ -139,7 +139,7 @@ class SegmentationEvaluator:
         for one, mask in zip(logits, target):
             if self.rect:
                 h, w = mask.shape[-2:]
-                nh, nw = fit_long_side(int(h), int(w), max(one.shape[-2:]))
+                nh, nw = fit_within(int(h), int(w), one.shape[-2:])
                 one = one[:, :nh, :nw]
             up = F.interpolate(one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
             self.update_classes(predict_classes(up)[0], mask)

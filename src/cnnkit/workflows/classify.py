@@ -125,14 +125,14 @@ class Classify(TaskSpec):
         train_set = ClassificationDataset(
             train,
             found,
-            classify_train_transform(cfg.imgsz, augment),
+            classify_train_transform(cfg.square, augment),
             source=f"{opts.data} (train)",
             strict=opts.strict,
         )
         val_set = ClassificationDataset(
             val,
             found,
-            classify_eval_transform(cfg.imgsz, opts.crop_fraction),
+            classify_eval_transform(cfg.square, opts.crop_fraction),
             source=f"{opts.data} (val)",
             strict=opts.strict,
         )
@@ -215,7 +215,7 @@ class Classify(TaskSpec):
         the model's by name."""
         if not given:
             return self.build_data(opts, cfg, names)
-        transform = classify_eval_transform(cfg.imgsz, opts.crop_fraction)
+        transform = classify_eval_transform(cfg.square, opts.crop_fraction)
         data = Path(opts.data or ".")
         if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
             split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)

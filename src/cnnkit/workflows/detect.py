@@ -110,7 +110,7 @@ class Detect(TaskSpec):
     def build_data(
         self, opts: DetectOptions, cfg: TrainConfig, names: Sequence[str] | None = None
     ) -> TaskData:
-        check_imgsz(cfg.imgsz, max(opts.strides))
+        check_imgsz(cfg.square, max(opts.strides))
         ds = read_box_data(
             opts.data or ".", val=opts.val, val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
@@ -121,8 +121,8 @@ class Detect(TaskSpec):
             jitter=opts.jitter,
             mosaic=opts.mosaic,
         )
-        train_set = DetectionDataset(ds.train, cfg.imgsz, True, augment)
-        val_set = DetectionDataset(ds.val, cfg.imgsz, False)
+        train_set = DetectionDataset(ds.train, cfg.square, True, augment)
+        val_set = DetectionDataset(ds.val, cfg.square, False)
         return TaskData(
             train_set, val_set, list(ds.names), ds.report.skipped(), collate_fn=collate, source=ds
         )
@@ -137,7 +137,7 @@ class Detect(TaskSpec):
             backbone_args=dict(opts.backbone_args or {}),
             backbone_weights=opts.pretrained,
             strides=opts.strides,
-            anchors=_anchors_for(data.source, opts, cfg.imgsz, cfg.seed),
+            anchors=_anchors_for(data.source, opts, cfg.square, cfg.seed),
             neck=opts.neck,
             neck_channels=opts.neck_channels,
         )

@@ -117,8 +117,8 @@ class Localize(_OneObject):
         if not names:
             raise DataError(f"{opts.data}: no image has an object; a localizer needs at least one class")
         sets = (
-            LocalizationDataset(train, names, cfg.imgsz, True, opts.fliplr),
-            LocalizationDataset(val, names, cfg.imgsz, False),
+            LocalizationDataset(train, names, cfg.square, True, opts.fliplr),
+            LocalizationDataset(val, names, cfg.square, False),
         )
         return TaskData(*sets, names, report.skipped())
 
@@ -162,13 +162,13 @@ class Landmarks(_OneObject):
         train, val = _readable(*_split(train, val, opts.val_fraction, cfg.seed), report, opts.strict)
         pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
         norm = opts.norm_points or found.get("norm_points")
-        train_set = LandmarkDataset(train, cfg.imgsz, True, pairs)
+        train_set = LandmarkDataset(train, cfg.square, True, pairs)
         record = {
             "flip_pairs": [list(p) for p in pairs],
             "norm_points": norm,
             "num_points": train_set.num_points,
         }
-        val_set = LandmarkDataset(val, cfg.imgsz, False, pairs)
+        val_set = LandmarkDataset(val, cfg.square, False, pairs)
         return TaskData(train_set, val_set, None, report.skipped(), record=record)
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class Landmarks(_OneObject):
         val_options: Any = None,
     ) -> Task:
         norm = data.record["norm_points"]
-        return LandmarkTask(data.record["num_points"], opts.loss, cfg.imgsz, tuple(norm) if norm else None)
+        return LandmarkTask(data.record["num_points"], opts.loss, cfg.square, tuple(norm) if norm else None)
 
     def predict(
         self, weights: str, sources: Sequence[str], *, out: str | None, options: Any = None, **kw: Any

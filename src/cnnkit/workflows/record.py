@@ -31,7 +31,7 @@ class RunRecord:
     val: str | None = None
     val_fraction: float = 0.2
     class_names: list[str] | None = None
-    imgsz: int = 224
+    imgsz: int | list[int] = 224  # S, or [H, W] (segmentation keeping the aspect ratio)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     options: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +49,7 @@ class RunRecord:
             model=model_config["name"],
             model_args=_jsonable(dict(model_config["args"])),
             train=_jsonable(cfg.to_dict()),
-            imgsz=cfg.imgsz,
+            imgsz=cfg.imgsz if isinstance(cfg.imgsz, int) else list(cfg.imgsz),
             extra=_jsonable(extra),
             **_jsonable(known),
         )

@@ -172,7 +172,7 @@ def val(
         given = {k: v for k, v in dataclasses.asdict(options).items() if k in known and v is not None}
         recorded = dataclasses.replace(recorded, **given)
     seed = int(meta.get("train_config", {}).get("seed", 0))
-    cfg = TrainConfig(imgsz=imgsz or int(meta.get("imgsz", 224)), seed=seed)
+    cfg = TrainConfig(imgsz=imgsz or meta.get("imgsz", 224), seed=seed)
     names = meta.get("class_names")
     dataset = spec.val_data(recorded, cfg, names, given=data is not None)
     objective = spec.objective(recorded, dataset, model, cfg, val_options=options)

@@ -23,7 +23,7 @@ from cnnkit.data.segment import (
     SegmentationTransform,
     collate_segmentation,
     color_map,
-    fit_long_side,
+    fit_within,
     infer_num_classes,
     resolve_segmentation_data,
 )
@@ -53,7 +53,10 @@ class SegmentOptions:
     binary: bool = option(False, "two classes as one sigmoid channel")
     fliplr: float = option(0.5, "horizontal flip probability")
     scale: tuple[float, float] = option((0.5, 1.0), "random resized crop: range of the image area kept")
-    rect: bool = option(False, "keep each image's aspect ratio: long side to --imgsz, padded (no squashing)")
+    rect: bool = option(
+        False,
+        "keep each image's aspect ratio: long side to --imgsz, padded (no squashing; --imgsz H W does too)",
+    )
     strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
 
@@ -80,7 +83,7 @@ class Segment(TaskSpec):
         def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
             transform = SegmentationTransform(
                 cfg.imgsz, train, opts.scale, opts.fliplr, rect=opts.rect, ignore_index=spec.ignore_index
-            )
+            )  # --imgsz H W keeps the aspect ratio as --rect does
             split = "train" if train else "val"
             return SegmentationDataset(
                 pairs,
@@ -118,8 +121,9 @@ class Segment(TaskSpec):
     ) -> Task:
         binary = getattr(model, "num_classes", 0) == 1
         classes = 1 if binary else len(data.names or ())
+        rect = opts.rect or not isinstance(cfg.imgsz, int)
         return SegmentationTask(
-            classes, opts.loss, data.record["ignore_index"], opts.class_weights, rect=opts.rect
+            classes, opts.loss, data.record["ignore_index"], opts.class_weights, rect=rect
         )
 
     def val_report(self, evaluator: SegmentationEvaluator, names: Sequence[str] | None) -> ValReport:
@@ -166,20 +170,23 @@ def predict(
     """
     model, meta = load_task_model(weights, "segment")
     prepared = prepare(model, select_device(device), fast)
-    imgsz = int(meta["imgsz"])
-    rect = bool((meta.get("options") or {}).get("rect", False))
+    recorded = meta["imgsz"]  # S, or [H, W] (which keeps the aspect ratio, as --rect does)
+    size = (
+        (int(recorded), int(recorded)) if isinstance(recorded, int) else (int(recorded[0]), int(recorded[1]))
+    )
+    rect = bool((meta.get("options") or {}).get("rect", False)) or not isinstance(recorded, int)
     cmap = color_map(256)
     out_dir = Path(out) if out is not None else None
     names_out = OutputNames(out_dir)
     for frame in iter_frames(sources):
         image = frame.image
         h, w = image.shape[-2:]
-        if rect:  # as trained: the long side to imgsz, padded bottom/right; the padding is cropped off
-            nh, nw = fit_long_side(h, w, imgsz)
-            x = F.pad(preprocess(image, (nh, nw), meta), (0, imgsz - nw, 0, imgsz - nh))
+        if rect:  # as trained: to fit H x W, padded bottom/right; the padding is cropped off
+            nh, nw = fit_within(h, w, size)
+            x = F.pad(preprocess(image, (nh, nw), meta), (0, size[1] - nw, 0, size[0] - nh))
             logits = prepared(x).float()[..., :nh, :nw]
         else:
-            logits = prepared(preprocess(image, imgsz, meta)).float()
+            logits = prepared(preprocess(image, size, meta)).float()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         mask = predict_classes(logits)[0].to(torch.uint8).cpu().numpy()
         mask_file = overlay_file = None
