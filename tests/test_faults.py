@@ -18,6 +18,7 @@ from cnnkit.engine.callbacks import Callback, FitState
 from cnnkit.errors import OutputError
 from cnnkit.tasks.classify import ClassificationTask
 from test_engine import CFG, blobs, tiny_model
+from test_mistakes import tiny_train
 
 
 class PoisonLoss(ClassificationTask):
@@ -252,17 +253,7 @@ def test_a_read_only_output_folder_is_one_cli_line(
         real(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Path, "mkdir", refuse)
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(digits_0_4),
-        "--model",
-        "mobilenet_v2",
-        "--model-args",
-        '{"width": 0.25}',
-    ]
-    argv += ["--epochs", "1", "--imgsz", "32", "--workers", "0", "--quiet", "--project", str(tmp_path / "ro")]
+    argv = tiny_train(digits_0_4, tmp_path / "ro")
     assert main(argv) == 2
     err_text = capsys.readouterr().err
     assert f"cnnkit: error: {tmp_path / 'ro'}" in err_text and why in err_text and "Traceback" not in err_text
@@ -274,27 +265,7 @@ def test_a_file_where_the_output_folder_goes(
     from cnnkit.cli import main
 
     (tmp_path / "afile").write_text("mine")
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(digits_0_4),
-        "--model",
-        "mobilenet_v2",
-        "--model-args",
-        '{"width": 0.25}',
-    ]
-    argv += [
-        "--epochs",
-        "1",
-        "--imgsz",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
-        "--project",
-        str(tmp_path / "afile"),
-    ]
+    argv = tiny_train(digits_0_4, tmp_path / "afile")
     assert main(argv) == 2
     assert "a file stands where a folder is needed" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "mine"

@@ -18,6 +18,11 @@ TINY = ["--model", "mobilenet_v2", "--model-args", '{"width": 0.25}']
 QUICK = ["--epochs", "1", "--imgsz", "32", "--batch", "4", "--workers", "0", "--quiet", "--no-plots"]
 
 
+def tiny_train(data: Path, project: Path) -> list[str]:
+    """The command line of a one-epoch classification run of a tiny model: seconds on a CPU."""
+    return ["train", "classify", "--data", str(data), *TINY, *QUICK, "--project", str(project)]
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) -> str:
     """Run the CLI in-process: exit code 2, no traceback, and a ``cnnkit: error`` line holding each of
     ``expected``."""

@@ -13,6 +13,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import DataError
 from cnnkit.workflows import run
 from test_box_layouts import _image, yolo_plain
+from test_mistakes import tiny_train
 
 QUICK = TrainConfig(epochs=1, batch=4, imgsz=32, workers=0, quiet=True, plots=False)
 
@@ -79,28 +80,7 @@ def test_file_names_that_are_not_utf8(
     odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: a surrogate escape in Python
     shutil.copy(first, folder / odd)
     (folder / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(data),
-        "--model",
-        "mobilenet_v2",
-        "--model-args",
-        '{"width": 0.25}',
-    ]
-    argv += [
-        "--epochs",
-        "1",
-        "--imgsz",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
-        "--no-plots",
-        "--project",
-        str(tmp_path / "runs"),
-    ]
+    argv = tiny_train(data, tmp_path / "runs")
     assert main(argv) == 0, capsys.readouterr().err
     skipped = (tmp_path / "runs" / "classify" / "exp" / "skipped.txt").read_text()
     assert "bad\\xff.png: cannot decode image" in skipped

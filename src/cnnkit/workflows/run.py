@@ -227,6 +227,9 @@ def predict(
 _RENAMED = {"hflip": "fliplr"}
 
 
+_OLD_DEFAULTS = {"rect": False}  # options whose default changed, with the value records without them had
+
+
 def options_from_record(spec: TaskSpec, meta: dict[str, Any], source: str) -> Any:
     """The spec's ``Options`` a run was trained with. Files of this release store every field under
     ``options`` (an unknown one is refused); files of the first release kept them in task-specific
@@ -251,5 +254,8 @@ def options_from_record(spec: TaskSpec, meta: dict[str, Any], source: str) -> An
             key = _RENAMED.get(key, key)
             if key in fields and value is not None and (not isinstance(value, dict) or key.endswith("_args")):
                 values[key] = value
-    log.debug("%s: options read from a first-release record: %s", source, sorted(values))
+    for key, value in _OLD_DEFAULTS.items():  # a default changed since: the run keeps what it trained with
+        if key in fields:
+            values.setdefault(key, value)
+    log.debug("%s: options read from an earlier release's record: %s", source, sorted(values))
     return config_from_dict(spec.Options, values, f"{source}: options")

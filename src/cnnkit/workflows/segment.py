@@ -54,8 +54,8 @@ class SegmentOptions:
     fliplr: float = option(0.5, "horizontal flip probability")
     scale: tuple[float, float] = option((0.5, 1.0), "random resized crop: range of the image area kept")
     rect: bool = option(
-        False,
-        "keep each image's aspect ratio: long side to --imgsz, padded (no squashing; --imgsz H W does too)",
+        True,
+        "keep each image's aspect ratio: long side to --imgsz, padded, not squashed (--no-rect squashes)",
     )
     strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
