@@ -178,8 +178,11 @@ def test_detector_overfits_one_batch_and_finds_the_objects() -> None:
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     first = None
     for _ in range(60):
-        loss, _ = task.loss(model(image), batch)
+        loss, logs = task.loss(model(image), batch)
         first = first if first is not None else loss.item()
+        # logged per image (the back-propagated loss is x batch size): the sum of its weighted parts
+        assert logs["loss"] == pytest.approx(logs["box"] + logs["obj"] + 0.5 * logs["cls"], rel=1e-5)
+        assert loss.item() == pytest.approx(2 * logs["loss"], rel=1e-5)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -273,7 +273,7 @@ class Trainer:
             s.step += 1
             for hook in self.hooks:
                 hook.after_step(s)
-        return {"loss": float(detached), **{k: float(v) for k, v in logs.items()}}
+        return {"loss": float(detached), **{k: float(v) for k, v in logs.items()}}  # a task's "loss" wins
 
     def validate(self) -> dict[str, float]:
         if self.val_set is None:

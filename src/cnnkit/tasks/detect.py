@@ -9,7 +9,7 @@ shape overlaps its own best over all scales (YOLOv2/v3), and also with any other
 IoU reaches ``anchor_iou`` (YOLOv4's multiple anchors; 1.0 turns it off). Two objects on the same (cell,
 anchor) both pull on that prediction.
 
-**Loss** (per batch, summed over images)::
+**Loss** (per batch, summed over images; logged per image, without the ``B``)::
 
     loss = B * (box_gain * L_box + obj_gain * L_obj + cls_gain * L_cls)     # gains 1.0, 1.0, 0.5
 
@@ -162,8 +162,9 @@ class DetectionTask(ImageTask):
         box = torch.cat(box_terms).mean() if box_terms else zero
         cls = torch.cat(cls_terms).mean() if cls_terms else zero
         g_box, g_obj, g_cls = self.gains
-        total = batch_size * (g_box * box + g_obj * obj_loss + g_cls * cls)
-        return total, {"box": box.item(), "obj": obj_loss.item(), "cls": cls.item()}
+        per_image = g_box * box + g_obj * obj_loss + g_cls * cls
+        logs = {"loss": per_image.item(), "box": box.item(), "obj": obj_loss.item(), "cls": cls.item()}
+        return batch_size * per_image, logs  # the gradient scales with the batch (YOLOv5); the log does not
 
     def postprocess(self, outputs: Sequence[torch.Tensor], **kwargs: Any) -> list[Detections]:
         return postprocess(outputs, self.anchors, self.strides, **kwargs)
