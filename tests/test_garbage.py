@@ -227,3 +227,27 @@ def test_box_dataset_summary_names_what_was_skipped(tmp_path: Path) -> None:
     (tmp_path / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: [a]\n")
     ds = read_box_data(tmp_path)
     assert len(ds.train) == 5 and "samples skipped" in ds.report.summary()
+
+
+def test_each_task_recognises_the_other_tasks_layouts(tmp_path: Path) -> None:
+    """Seen: ``train classify`` on a segmentation folder trained an "images vs masks" classifier."""
+    from cnnkit.data.formats.masks import resolve_segmentation_data
+    from cnnkit.data.scenes import write_scenes
+    from cnnkit.workflows.classify import resolve_splits
+
+    scenes = write_scenes(tmp_path / "scenes", n_train=4, n_val=2, size=(32, 40))
+    with pytest.raises(DataError, match=r"laid out for segment .*cnnkit train segment"):
+        resolve_splits(scenes, None, 0.2, 0)
+    with pytest.raises(DataError, match=r"laid out for segmentation .*cnnkit train segment"):
+        read_box_data(scenes)
+    boxes = tmp_path / "boxes"
+    yolo_set(boxes, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.5 0.5 0.2 0.2\n"})
+    (boxes / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: [a]\n")
+    with pytest.raises(DataError, match=r"laid out for detect .*cnnkit train detect"):
+        resolve_splits(boxes, None, 0.2, 0)
+    classes = tmp_path / "classes"
+    for c in ("cat", "dog"):
+        png(classes / c / "x.png")
+    with pytest.raises(DataError, match=r"looks like class folders \(cat, dog...\): cnnkit train classify"):
+        resolve_segmentation_data(classes)
+    assert resolve_splits(classes, None, 0.5, 0)[2] == ["cat", "dog"]

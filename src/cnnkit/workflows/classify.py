@@ -15,6 +15,7 @@ from torch import nn
 
 from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
+from cnnkit.data.formats import layout_task
 from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.data.transforms import AugmentConfig, classify_eval_transform, classify_train_transform
 from cnnkit.engine.callbacks import Callback
@@ -92,6 +93,12 @@ def resolve_splits(
 
     if not data.exists():
         raise DataError(f"{data}: no such file or directory")
+    other = layout_task(data)
+    if other is not None:
+        raise DataError(
+            f"{data} is laid out for {other} (an image folder beside its labels), not class folders: "
+            f"cnnkit train {other} --data {data}"
+        )
     if val is not None:
         train, names = read(data)
         val_samples, _ = read(Path(val), names)

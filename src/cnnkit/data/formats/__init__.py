@@ -82,6 +82,8 @@ def not_a_box_dataset(data: str | os.PathLike[str], also: str = "") -> DataError
     misses = [m for f in _FORMATS if (m := f.near_miss(path))]
     looked_for = "; ".join([*(f.description for f in _FORMATS), *([also] if also else [])])
     hint = f" Closest: {misses[0]}." if misses else ""
+    if layout_task(path) == "segment":
+        hint = f" It is laid out for segmentation (images beside masks): cnnkit train segment --data {data}."
     return DataError(f"{data}: not a box dataset.{hint} Looked for: {looked_for}")
 
 
@@ -153,3 +155,27 @@ __all__ = [
     "register_box_format",
     "sniff_box_format",
 ]
+
+
+def layout_task(root: str | os.PathLike[str]) -> str | None:
+    """``"detect"`` or ``"segment"`` when ``root`` is laid out for that task (an image folder beside
+    labels, masks or annotations), else None: a class-folder reader must not learn "images vs masks".
+    Only a folder with an image folder (``images/``, ``JPEGImages/``...) is sniffed, so class folders of
+    a large dataset cost one directory listing."""
+    from cnnkit.data.formats.masks import IMAGE_DIRS, resolve_segmentation_data
+
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    subs = {d.name.lower() for d in root.iterdir() if d.is_dir()}
+    if not subs & {*IMAGE_DIRS, "jpegimages"} and not any(
+        (root / s).is_dir() for s in ("train/images", "train/image")
+    ):
+        return None
+    if sniff_box_format(root) is not None:
+        return "detect"
+    try:
+        resolve_segmentation_data(root)
+    except DataError:
+        return None
+    return "segment"

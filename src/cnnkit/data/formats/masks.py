@@ -196,7 +196,19 @@ def _layout(root: Path, report: DataReport) -> tuple[dict[str, list[tuple[Path, 
         f"{root}: no segmentation layout found. Looked for an image folder ({'/'.join(IMAGE_DIRS)}) beside a "
         f"mask folder ({'/'.join(MASK_DIRS)}), flat or with train/val inside; train/ and val/ folders each "
         "holding both; SegNet's train/ + trainannot/; Pascal VOC's JPEGImages/ + SegmentationClass/"
+        + _class_folders_hint(root)
     )
+
+
+def _class_folders_hint(root: Path) -> str:
+    """A hint when ``root`` holds class folders (each sub-folder only images, or train/ of them)."""
+    base = root / "train" if (root / "train").is_dir() else root
+    subs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(subs) >= 2 and all(images_under(d, max_depth=0) for d in subs[:20]):
+        return (
+            f". It looks like class folders ({', '.join(d.name for d in subs[:5])}...): cnnkit train classify"
+        )
+    return ""
 
 
 def _lists(root: Path) -> dict[str, set[str]] | None:

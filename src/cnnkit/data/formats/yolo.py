@@ -26,7 +26,7 @@ from cnnkit.data.formats.base import (
     splits_of,
 )
 from cnnkit.data.report import DataReport
-from cnnkit.errors import DataError
+from cnnkit.errors import CnnkitError, DataError
 from cnnkit.io import load_yaml
 
 log = logging.getLogger("cnnkit")
@@ -177,12 +177,21 @@ def _image_list(path: Path, root: Path) -> list[Path]:
 
 
 def _sniff_yaml(path: Path) -> Layout | None:
+    """A ``data.yaml`` naming a ``train`` split (ultralytics'); one without (a segmentation set's class
+    names and ignore index) is not a YOLO set."""
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return Layout("yolo", path.parent, f"ultralytics data.yaml {path.name}", {"yaml": path})
     yaml = next((path / n for n in ("data.yaml", "dataset.yaml") if (path / n).is_file()), None)
-    if path.is_dir() and yaml is not None:
+    if path.is_dir() and yaml is not None and _names_a_train_split(yaml):
         return Layout("yolo", path, f"ultralytics {yaml.name}", {"yaml": yaml})
     return None
+
+
+def _names_a_train_split(yaml_path: Path) -> bool:
+    try:
+        return "train" in load_yaml(yaml_path)
+    except CnnkitError:
+        return True  # unreadable: let the reader say what is wrong with it
 
 
 def _read_yaml(layout: Layout, strict: bool) -> Splits:
