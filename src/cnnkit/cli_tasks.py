@@ -206,6 +206,16 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from cnnkit.workflows.check import check
+
+    extra = {"val_fraction": args.val_fraction} if args.val_fraction is not None else {}
+    out = None if args.no_pictures else args.out
+    report = check(args.task, args.data, out=out, samples=args.samples, seed=args.seed, **extra)
+    print(report.text())
+    return 0
+
+
 def cmd_anchors(args: argparse.Namespace) -> int:
     from cnnkit.workflows import detect
 
@@ -275,3 +285,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--strict", action="store_true", help="stop at the first bad annotation")
     p.set_defaults(func=cmd_data_convert)
+
+    p = data.add_parser("check", help="look at a dataset before training: counts, sizes, labels, leakage")
+    p.add_argument("data", help="the dataset, in any layout the task reads")
+    p.add_argument("--task", choices=list_tasks(), required=True)
+    p.add_argument("--out", default="runs/check", help="labels.png and samples.jpg go to OUT/TASK/data*")
+    p.add_argument("--no-pictures", action="store_true", help="the text report only")
+    p.add_argument("--samples", type=int, default=16, help="images in samples.jpg")
+    p.add_argument("--val-fraction", type=float, help="seeded validation split when the data has none")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_check)

@@ -28,7 +28,15 @@ from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.workflows.common import load_task_model
-from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
+from cnnkit.workflows.spec import (
+    Labelled,
+    PredictRecord,
+    TaskData,
+    TaskSpec,
+    ValReport,
+    option,
+    register_task,
+)
 
 log = logging.getLogger("cnnkit")
 
@@ -145,6 +153,9 @@ class Classify(TaskSpec):
         )
         skipped = [*train_set.skipped.items, *val_set.skipped.items]
         return TaskData(train_set, val_set, found, skipped, {"crop_fraction": opts.crop_fraction})
+
+    def labelled(self, dataset: ClassificationDataset) -> list[Labelled]:
+        return [Labelled(path, [label]) for path, label in dataset.samples]
 
     def build_model(self, opts: ClassifyOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
         args = dict(opts.model_args or {})

@@ -33,7 +33,15 @@ from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.workflows.common import load_task_model
-from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
+from cnnkit.workflows.spec import (
+    Labelled,
+    PredictRecord,
+    TaskData,
+    TaskSpec,
+    ValReport,
+    option,
+    register_task,
+)
 
 log = logging.getLogger("cnnkit")
 
@@ -126,6 +134,9 @@ class Detect(TaskSpec):
         return TaskData(
             train_set, val_set, list(ds.names), ds.report.skipped(), collate_fn=collate, source=ds
         )
+
+    def labelled(self, dataset: DetectionDataset) -> list[Labelled]:
+        return [Labelled(d.path, d.labels.tolist(), boxes=d.boxes) for d in dataset.samples]
 
     def build_model(self, opts: DetectOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
         """``opts.model`` on ``opts.backbone`` (initialised from ``opts.pretrained``), with anchors fitted

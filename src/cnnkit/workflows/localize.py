@@ -27,7 +27,7 @@ from cnnkit.ops.boxes import clip
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
 from cnnkit.workflows.common import load_task_model, preprocess
-from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, option, register_task
+from cnnkit.workflows.spec import Labelled, PredictRecord, TaskData, TaskSpec, option, register_task
 
 log = logging.getLogger("cnnkit")
 VAL_FRACTION = "seeded validation split when the data has none"
@@ -113,7 +113,8 @@ class Localize(_OneObject):
             opts.data or ".", val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
         train, val = _readable(*_split(train, val, opts.val_fraction, cfg.seed), report, opts.strict)
-        names = list(names or found or sorted({s.label for s in train if s.label is not None}))
+        labels = {s.label for s in [*train, *val] if s.label is not None}  # a class seen only in val too
+        names = list(names or found or sorted(labels))
         if not names:
             raise DataError(f"{opts.data}: no image has an object; a localizer needs at least one class")
         sets = (
@@ -124,6 +125,14 @@ class Localize(_OneObject):
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
         return {"num_classes": len(data.names or ())}
+
+    def labelled(self, dataset: LocalizationDataset) -> list[Labelled]:
+        return [
+            Labelled(s.path, [], torch.zeros(0, 4))
+            if s.label is None
+            else Labelled(s.path, [dataset.index[s.label]], torch.tensor([s.box]))
+            for s in dataset.samples
+        ]
 
     def objective(
         self,
@@ -173,6 +182,9 @@ class Landmarks(_OneObject):
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
         return {"num_points": data.record["num_points"]}
+
+    def labelled(self, dataset: LandmarkDataset) -> list[Labelled]:
+        return [Labelled(s.path, points=s.points, visible=s.visible) for s in dataset.samples]
 
     def objective(
         self,

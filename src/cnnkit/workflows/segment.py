@@ -34,7 +34,15 @@ from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
 from cnnkit.workflows.common import load_task_model, names_of, preprocess
-from cnnkit.workflows.spec import PredictRecord, TaskData, TaskSpec, ValReport, option, register_task
+from cnnkit.workflows.spec import (
+    Labelled,
+    PredictRecord,
+    TaskData,
+    TaskSpec,
+    ValReport,
+    option,
+    register_task,
+)
 
 log = logging.getLogger("cnnkit")
 
@@ -104,6 +112,9 @@ class Segment(TaskSpec):
             "mask_threshold": spec.threshold,
         }
         return TaskData(train_set, val_set, found, skipped, record, collate_fn=collate_segmentation)
+
+    def labelled(self, dataset: SegmentationDataset) -> list[Labelled]:
+        return [Labelled(image, mask=mask) for image, mask in dataset.pairs]
 
     def build_model(self, opts: SegmentOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
         classes = 1 if opts.binary else len(data.names or ())

@@ -90,6 +90,18 @@ class TaskData:
     source: Any = None
 
 
+@dataclass
+class Labelled:
+    """One sample as ``cnnkit data check`` sees it: its image and its labels in the image's pixels."""
+
+    path: Path
+    classes: list[int] = field(default_factory=list)  # class of each object (classification: its label)
+    boxes: Any = None  # [n, 4] xyxy (detection, localization)
+    mask: Path | None = None  # segmentation: the mask file
+    points: Any = None  # [K, 2] (landmarks)
+    visible: Any = None  # [K] bool
+
+
 class TaskSpec:
     """What makes a task a task. Subclasses set the class attributes and implement :meth:`build_data`,
     :meth:`build_model`, :meth:`objective` and :meth:`predict`; the generic ``train / resume / val`` of
@@ -159,6 +171,10 @@ class TaskSpec:
         """Predict on images; ``options`` is a ``PredictOptions`` instance (None: its defaults)."""
         raise NotImplementedError
 
+    def labelled(self, dataset: Any) -> list[Labelled]:
+        """The samples of one of :meth:`build_data`'s datasets, as ``data check`` reports and draws them."""
+        raise NotImplementedError
+
     def predictions_json(self, records: list[PredictRecord]) -> Any:
         """What ``predict --json`` prints: the list of per-image records (detection: COCO results)."""
         return [r.data for r in records]
@@ -195,7 +211,7 @@ def list_tasks() -> list[str]:
 
 
 #: modules of this package that are not task specs; every other module is one and registers its task
-_NOT_SPECS = {"spec", "run", "common", "record"}
+_NOT_SPECS = {"spec", "run", "common", "record", "check"}
 
 
 def _load_builtin_tasks() -> None:
