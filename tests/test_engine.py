@@ -195,3 +195,32 @@ def test_unfreeze_last_blocks_and_by_name() -> None:
     assert kept == ["stages.2.0", "stages.2.1"]
     with pytest.raises(cnnkit.CnnkitError, match="unknown layer names"):
         freeze_base(model, trainable=["layer9"])
+
+
+def test_validation_logs_the_training_loss_for_every_task() -> None:
+    """``val_loss``: the task's training loss on the validation batches; segmentation's at each mask's own
+    size (as the metrics), through the same crop-and-upsample."""
+    import torch.nn.functional as F
+
+    from cnnkit.engine.loops import evaluate
+    from cnnkit.tasks.localize import LocalizationTask
+    from cnnkit.tasks.segment import SegmentationTask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+    x, target = torch.randn(6, 3, 8, 8), torch.rand(6, 6)
+    target[:, 0], target[:, 5] = (target[:, 0] > 0.5).float(), torch.randint(0, 3, (6,)).float()
+    task = LocalizationTask(3)
+    metrics, _ = evaluate(task, model, [(x, target)], torch.device("cpu"))
+    with torch.no_grad():
+        expected_loc = float(task.loss(model(x), (x, target))[0])
+    assert metrics["val_loss"] == pytest.approx(expected_loc, rel=1e-5)
+
+    seg = SegmentationTask(3, "ce")
+    logits = torch.randn(2, 3, 8, 8)
+    masks = [torch.randint(0, 3, (12, 16)), torch.randint(0, 3, (8, 10))]  # each image's own size
+    expected = [
+        F.cross_entropy(F.interpolate(lg[None], size=m.shape, mode="bilinear", align_corners=False), m[None])
+        for lg, m in zip(logits, masks)
+    ]
+    assert seg.val_loss(logits, (None, masks)) == pytest.approx(float(sum(expected)) / 2, rel=1e-5)

@@ -113,17 +113,24 @@ def evaluate(
     was_training = model.training
     model.eval()
     evaluator = task.evaluator()
+    loss_sum, images = 0.0, 0
     try:
         show = None if progress and distrib.info().is_main else True
         for batch in tqdm(loader, desc="val", leave=False, disable=show):
             batch = to_device(batch, device, channels_last)
             with autocast(device, dtype):
                 outputs = model(task.inputs(batch))
-            evaluator.update(_to_float(outputs), batch)
+            outputs = _to_float(outputs)
+            evaluator.update(outputs, batch)
+            n = len(task.inputs(batch))
+            loss_sum, images = loss_sum + task.val_loss(outputs, batch) * n, images + n
     finally:
         model.train(was_training)
     distrib.sync_evaluator(evaluator, device)  # each process saw its shard: combine them
-    return evaluator.compute(), evaluator
+    metrics = evaluator.compute()
+    if "val_loss" not in metrics and images:  # every task logs one (classification's evaluator has its own)
+        metrics["val_loss"] = distrib.all_reduce_mean({"val_loss": loss_sum / images}, device)["val_loss"]
+    return metrics, evaluator
 
 
 def _to_float(obj: Any) -> Any:

@@ -44,6 +44,10 @@ class Task(Protocol):
 
     def evaluator(self) -> Evaluator: ...
 
+    def val_loss(self, outputs: Any, batch: Batch) -> float:
+        """The loss of a validation batch, as the training loss is logged (per image)."""
+        ...
+
 
 class ImageTask:
     """Defaults shared by tasks whose batch is ``(images, targets...)`` and whose model is trained as is."""
@@ -53,6 +57,12 @@ class ImageTask:
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch[0]
+
+    def val_loss(self, outputs: Any, batch: Batch) -> float:
+        """The training loss on a validation batch (a task's own ``"loss"`` log when it scales the
+        back-propagated one)."""
+        loss, logs = self.loss(outputs, batch)  # type: ignore[attr-defined]
+        return float(logs.get("loss", loss))
 
 
 def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:

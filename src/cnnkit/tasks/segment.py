@@ -3,7 +3,7 @@ people report (per-class IoU, mean IoU, Dice/F1, pixel accuracy), all with an ig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +114,34 @@ class SegmentationTask(ImageTask):
     def evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(max(self.num_classes, 2), self.ignore_index, rect=self.rect)
 
+    def val_loss(self, outputs: torch.Tensor, batch: Any) -> float:
+        """The training loss at each mask's own resolution (logits cropped of their padding and upsampled,
+        as the metrics are computed), averaged over the images."""
+        target = batch[1]
+        if isinstance(target, torch.Tensor) and target.shape[-2:] == outputs.shape[-2:]:
+            return float(self.loss(outputs, batch)[0])
+        losses = [
+            float(self.loss(up, (None, mask[None].long()))[0])
+            for up, mask in full_size(outputs, target, self.rect)
+        ]
+        return sum(losses) / max(1, len(losses))
+
+
+def full_size(
+    logits: torch.Tensor, masks: Sequence[torch.Tensor], rect: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each image's ``[1, C, h, w]`` logits at its mask's own size (the padding of a ``rect`` input cropped
+    off first), with its mask."""
+    for one, mask in zip(logits, masks):
+        if rect:
+            h, w = mask.shape[-2:]
+            nh, nw = fit_within(int(h), int(w), one.shape[-2:])
+            one = one[:, :nh, :nw]
+        yield (
+            F.interpolate(one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False),
+            mask,
+        )
+
 
 def predict_classes(logits: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` logits to ``[B, H, W]`` class indices (``C == 1``: threshold at 0)."""
@@ -136,12 +164,7 @@ class SegmentationEvaluator:
         if isinstance(target, torch.Tensor) and target.shape[-2:] == logits.shape[-2:]:
             self.update_classes(predict_classes(logits), target)
             return
-        for one, mask in zip(logits, target):
-            if self.rect:
-                h, w = mask.shape[-2:]
-                nh, nw = fit_within(int(h), int(w), one.shape[-2:])
-                one = one[:, :nh, :nw]
-            up = F.interpolate(one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+        for up, mask in full_size(logits, target, self.rect):
             self.update_classes(predict_classes(up)[0], mask)
 
     def update_classes(self, pred: torch.Tensor, target: torch.Tensor) -> None:
