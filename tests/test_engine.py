@@ -224,3 +224,26 @@ def test_validation_logs_the_training_loss_for_every_task() -> None:
         for lg, m in zip(logits, masks)
     ]
     assert seg.val_loss(logits, (None, masks)) == pytest.approx(float(sum(expected)) / 2, rel=1e-5)
+
+
+def test_results_png_is_redrawn_every_epoch(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    class Look(Callback):
+        def on_fit_start(self, state: FitState) -> None:
+            seen.append((tmp_path / "results.png").exists())
+
+        def before_step(self, state: FitState) -> None:
+            if state.epoch == 1 and len(seen) == 1:  # the second epoch starts: the first is drawn
+                seen.append((tmp_path / "results.png").exists())
+
+    fit(
+        ClassificationTask(2),
+        tiny_model(),
+        blobs(32),
+        blobs(16, 1),
+        CFG.replace(epochs=2, plots=True),
+        tmp_path,
+        callbacks=[Look()],
+    )
+    assert seen == [False, True]

@@ -270,7 +270,10 @@ class EarlyStopping(Callback):
 
 
 class Plotter(Callback):
-    """``results.png``: loss and metric curves, redrawn at the end of the fit."""
+    """``results.png``: loss and metric curves, redrawn every epoch (a run can be watched) and at the end."""
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.on_fit_end(state)
 
     def on_fit_end(self, state: FitState) -> None:
         if state.history and state.is_main:
@@ -291,7 +294,10 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     from cnnkit.viz import pyplot, save_figure
 
     plt = pyplot()
-    keys = [k for k in history[0] if k != "epoch" and isinstance(history[0][k], int | float)]
+    from matplotlib.ticker import MaxNLocator
+
+    # wall time is not a metric of the model: it stays in results.csv
+    keys = [k for k in history[0] if k not in ("epoch", "time") and isinstance(history[0][k], int | float)]
     losses = [k for k in keys if "loss" in k]
     others = [k for k in keys if k not in losses and k != "lr"]
     panels = [losses] + [[k] for k in others]
@@ -303,6 +309,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
         for k in panel:
             ax.plot(epochs, [row.get(k, float("nan")) for row in history], marker=".", label=k)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(", ".join(panel) if len(panel) == 1 else "loss")
         ax.grid(alpha=0.3)
         if len(panel) > 1:

@@ -122,13 +122,14 @@ def evaluate(
                 outputs = model(task.inputs(batch))
             outputs = _to_float(outputs)
             evaluator.update(outputs, batch)
-            n = len(task.inputs(batch))
-            loss_sum, images = loss_sum + task.val_loss(outputs, batch) * n, images + n
+            value, n = task.val_loss(outputs, batch), len(task.inputs(batch))
+            if value is not None:
+                loss_sum, images = loss_sum + value * n, images + n
     finally:
         model.train(was_training)
     distrib.sync_evaluator(evaluator, device)  # each process saw its shard: combine them
     metrics = evaluator.compute()
-    if "val_loss" not in metrics and images:  # every task logs one (classification's evaluator has its own)
+    if images:  # every task logs one (classification's evaluator computes its own)
         metrics["val_loss"] = distrib.all_reduce_mean({"val_loss": loss_sum / images}, device)["val_loss"]
     return metrics, evaluator
 

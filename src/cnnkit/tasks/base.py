@@ -44,8 +44,9 @@ class Task(Protocol):
 
     def evaluator(self) -> Evaluator: ...
 
-    def val_loss(self, outputs: Any, batch: Batch) -> float:
-        """The loss of a validation batch, as the training loss is logged (per image)."""
+    def val_loss(self, outputs: Any, batch: Batch) -> float | None:
+        """The loss of a validation batch, as the training loss is logged (per image); None when the
+        task's evaluator reports ``val_loss`` itself."""
         ...
 
 
@@ -58,7 +59,7 @@ class ImageTask:
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch[0]
 
-    def val_loss(self, outputs: Any, batch: Batch) -> float:
+    def val_loss(self, outputs: Any, batch: Batch) -> float | None:
         """The training loss on a validation batch (a task's own ``"loss"`` log when it scales the
         back-propagated one)."""
         loss, logs = self.loss(outputs, batch)  # type: ignore[attr-defined]
