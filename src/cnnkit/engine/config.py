@@ -63,6 +63,14 @@ class TrainConfig:
     save_period: int = _help(1, "epochs between checkpoints of last.pt")
     quiet: bool = _help(False, "no progress bar")
     plots: bool = _help(True, "draw results.png and the task's plots")
+    log: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "experiment trackers, comma-separated: tensorboard,mlflow (results.csv is always on)",
+            "parse": lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+            "metavar": "NAMES",
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.imgsz, list | tuple):  # from the command line, YAML or a run record
@@ -76,6 +84,10 @@ class TrainConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise CnnkitError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        self.log = tuple(self.log)
+        unknown = sorted(set(self.log) - {"csv", "tensorboard", "mlflow"})
+        if unknown:
+            raise CnnkitError(f"log: unknown loggers {unknown}; choose from csv, tensorboard, mlflow")
         if self.patience is not None and self.patience < 1:
             raise CnnkitError(f"patience must be at least 1 epoch, got {self.patience}")
         for name in ("lr", "weight_decay", "warmup_epochs", "grad_clip", "momentum", "ema_decay"):

@@ -39,6 +39,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import amp_dtype, autocast, select_device
 from cnnkit.engine.ema import ModelEMA
 from cnnkit.engine.freeze import count_parameters
+from cnnkit.engine.loggers import make_loggers
 from cnnkit.engine.loops import (
     evaluate,
     load_training_state,
@@ -149,6 +150,7 @@ class Trainer:
             self.hooks.append(EarlyStopping(cfg.patience))
         if cfg.plots:
             self.hooks.append(Plotter())
+        self.hooks += make_loggers(cfg.log)
         self.hooks += list(callbacks)
         self.train_module = task.training_module(model)
         if where.enabled:
