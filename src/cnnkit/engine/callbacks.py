@@ -272,11 +272,14 @@ class EarlyStopping(Callback):
 class Plotter(Callback):
     """``results.png``: loss and metric curves, redrawn every epoch (a run can be watched) and at the end."""
 
+    drawn = -1  # the epoch results.png shows
+
     def on_epoch_end(self, state: FitState) -> None:
         self.on_fit_end(state)
 
     def on_fit_end(self, state: FitState) -> None:
-        if state.history and state.is_main:
+        if state.history and state.is_main and self.drawn != state.epoch:
+            self.drawn = state.epoch
             drawn_or_logged(plot_history, state.history, state.run_dir / "results.png")
 
 
