@@ -265,7 +265,7 @@ def test_localize_and_landmarks_through_the_cli(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
     assert main(["val", "localize", "--weights", str(weights), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
-    assert set(metrics) == {"obj_acc", "cls_acc", "miou", "acc_iou50"} and metrics["miou"] > 0.2
+    assert set(metrics) == {"obj_acc", "cls_acc", "miou", "acc_iou50", "val_loss"} and metrics["miou"] > 0.2
     image = sorted((data / "images" / "val").iterdir())[0]
     assert (
         main(
