@@ -265,7 +265,7 @@ def test_train_val_predict_segment_through_the_cli(
     capsys.readouterr()
     assert main(["val", "segment", "--weights", str(weights), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["metrics"]) == {"miou", "mdice", "pixel_acc", "mean_acc"}
+    assert set(report["metrics"]) == {"miou", "mdice", "pixel_acc", "mean_acc", "val_loss"}
     assert [row["class"] for row in report["per_class"]] == read_metadata(weights)["class_names"]
     assert len(report["per_class"]) == 11 and {"iou", "dice", "acc"} <= set(report["per_class"][0])
     images = sorted((data / "images" / "val").iterdir())[:2]
