@@ -293,7 +293,10 @@ def test_imgsz_h_w_trains_and_evaluates_non_square(
     (pred,) = run.predict(weights, [str(tmp_path / "set" / "image" / "0.jpg")], out=str(tmp_path / "p"))
     assert np.asarray(Image.open(pred.data["mask"])).shape == (32, 40)
     capsys.readouterr()
-    assert main(["train", "classify", "--data", str(tmp_path / "set"), "--imgsz", "24", "32"]) == 2
+    for c in ("cat", "dog"):
+        (tmp_path / "classes" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "classes" / c / "x.png")
+    assert main(["train", "classify", "--data", str(tmp_path / "classes"), "--imgsz", "24", "32"]) == 2
     assert "this task takes one size" in capsys.readouterr().err
 
 
