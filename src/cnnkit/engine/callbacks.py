@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,16 +271,22 @@ class EarlyStopping(Callback):
 
 
 class Plotter(Callback):
-    """``results.png``: loss and metric curves, redrawn every epoch (a run can be watched) and at the end."""
+    """``results.png``: loss and metric curves, redrawn as epochs end (a run can be watched) and at the
+    end. Epochs shorter than ``every`` seconds are drawn at most once per ``every`` seconds: a drawing
+    costs about a second, a lot next to a 3-second epoch."""
 
     drawn = -1  # the epoch results.png shows
 
+    def __init__(self, every: float = 20.0) -> None:
+        self.every, self.last = every, -math.inf
+
     def on_epoch_end(self, state: FitState) -> None:
-        self.on_fit_end(state)
+        if time.monotonic() - self.last >= self.every:
+            self.on_fit_end(state)
 
     def on_fit_end(self, state: FitState) -> None:
         if state.history and state.is_main and self.drawn != state.epoch:
-            self.drawn = state.epoch
+            self.drawn, self.last = state.epoch, time.monotonic()
             drawn_or_logged(plot_history, state.history, state.run_dir / "results.png")
 
 
