@@ -33,6 +33,14 @@ def fit_within(h: int, w: int, size: Sequence[float]) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def frame_of(imgsz: int | Sequence[int], rect: bool = False) -> tuple[tuple[int, int], bool]:
+    """The input frame ``(H, W)`` of an ``imgsz`` (``S``, or ``(H, W)`` as given or recorded) and whether
+    images keep their aspect ratio inside it: ``rect``, and always with two sizes."""
+    if isinstance(imgsz, int):
+        return (imgsz, imgsz), rect
+    return (int(imgsz[0]), int(imgsz[1])), True
+
+
 def fit_long_side(h: int, w: int, size: int) -> tuple[int, int]:
     """``(h', w')`` of an ``h x w`` image resized so its long side is ``size``, aspect ratio kept."""
     return fit_within(h, w, (size, size))
@@ -61,9 +69,8 @@ class SegmentationTransform:
         rect: bool = False,
         ignore_index: int = 255,
     ) -> None:
-        self.size = (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
+        self.size, self.rect = frame_of(imgsz, rect)
         self.train, self.ignore_index = train, ignore_index
-        self.rect = rect or not isinstance(imgsz, int)
         self.image_only = not train and full_res
         self.zoom = (scale[0] ** 0.5, max(scale[1], 1 / scale[0]) ** 0.5)
         steps: list[torch.nn.Module] = []

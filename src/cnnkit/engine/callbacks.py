@@ -275,10 +275,8 @@ class Plotter(Callback):
     end. Epochs shorter than ``every`` seconds are drawn at most once per ``every`` seconds: a drawing
     costs about a second, a lot next to a 3-second epoch."""
 
-    drawn = -1  # the epoch results.png shows
-
     def __init__(self, every: float = 20.0) -> None:
-        self.every, self.last = every, -math.inf
+        self.every, self.last, self.drawn = every, -math.inf, -1  # drawn: the epoch results.png shows
 
     def on_epoch_end(self, state: FitState) -> None:
         if time.monotonic() - self.last >= self.every:

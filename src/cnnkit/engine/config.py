@@ -18,6 +18,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 T = TypeVar("T")
+LOGGERS = ("csv", "tensorboard", "mlflow")  # --log names (csv is always on; the others: engine.loggers)
 
 
 def _help(default: Any, text: str) -> Any:
@@ -85,9 +86,9 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise CnnkitError(f"{name} must be at least {low}, got {getattr(self, name)}")
         self.log = tuple(self.log)
-        unknown = sorted(set(self.log) - {"csv", "tensorboard", "mlflow"})
+        unknown = sorted(set(self.log) - set(LOGGERS))
         if unknown:
-            raise CnnkitError(f"log: unknown loggers {unknown}; choose from csv, tensorboard, mlflow")
+            raise CnnkitError(f"log: unknown loggers {unknown}; choose from {', '.join(LOGGERS)}")
         if self.patience is not None and self.patience < 1:
             raise CnnkitError(f"patience must be at least 1 epoch, got {self.patience}")
         for name in ("lr", "weight_decay", "warmup_epochs", "grad_clip", "momentum", "ema_decay"):

@@ -148,18 +148,18 @@ def check(
 
 
 def _summarise(split: str, items: list[Labelled], read: TaskData) -> SplitSummary:
-    sizes = []
+    summary = SplitSummary(split, len(items), Counter(), [])
+    box_task = any(i.boxes is not None for i in items)
+    masks = read.train  # the segmentation dataset: how its masks are read (palette, void, threshold)
+    pixel_counts: Counter[int] = Counter()
+    seen = None
     for item in items:
         try:
             with open_image(item.path) as im:
-                sizes.append((im.height, im.width))
+                h, w = im.height, im.width
         except DataError:
-            pass  # the reader already reported it
-    summary = SplitSummary(split, len(items), Counter(), sizes)
-    box_task = any(i.boxes is not None for i in items)
-    pixel_counts: Counter[int] = Counter()
-    seen = None
-    for item, (h, w) in zip(items, sizes):
+            continue  # the reader already reported it
+        summary.sizes.append((h, w))
         summary.per_class.update(item.classes)
         if box_task:
             boxes = torch.as_tensor(item.boxes).view(-1, 4).float()
@@ -168,9 +168,8 @@ def _summarise(split: str, items: list[Labelled], read: TaskData) -> SplitSummar
             for x1, y1, x2, y2 in boxes.tolist():
                 summary.rel_boxes.append(((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h))
         if item.mask is not None:
-            ds = read.train
-            mask = read_mask(item.mask, ds.palette, ds.ignore_index, ds.threshold)
-            values, counts = np.unique(mask[mask != ds.ignore_index], return_counts=True)
+            mask = read_mask(item.mask, masks.palette, masks.ignore_index, masks.threshold)
+            values, counts = np.unique(mask[mask != masks.ignore_index], return_counts=True)
             pixel_counts.update(dict(zip(values.tolist(), counts.tolist())))
             summary.empty += int(len(values) == 0)
         if item.visible is not None:

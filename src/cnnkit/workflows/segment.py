@@ -24,6 +24,7 @@ from cnnkit.data.segment import (
     collate_segmentation,
     color_map,
     fit_within,
+    frame_of,
     infer_num_classes,
     resolve_segmentation_data,
 )
@@ -132,7 +133,7 @@ class Segment(TaskSpec):
     ) -> Task:
         binary = getattr(model, "num_classes", 0) == 1
         classes = 1 if binary else len(data.names or ())
-        rect = opts.rect or not isinstance(cfg.imgsz, int)
+        _, rect = frame_of(cfg.imgsz, opts.rect)
         return SegmentationTask(
             classes, opts.loss, data.record["ignore_index"], opts.class_weights, rect=rect
         )
@@ -181,11 +182,8 @@ def predict(
     """
     model, meta = load_task_model(weights, "segment")
     prepared = prepare(model, select_device(device), fast)
-    recorded = meta["imgsz"]  # S, or [H, W] (which keeps the aspect ratio, as --rect does)
-    size = (
-        (int(recorded), int(recorded)) if isinstance(recorded, int) else (int(recorded[0]), int(recorded[1]))
-    )
-    rect = bool((meta.get("options") or {}).get("rect", False)) or not isinstance(recorded, int)
+    # S, or [H, W] (which keeps the aspect ratio, as --rect does)
+    size, rect = frame_of(meta["imgsz"], bool((meta.get("options") or {}).get("rect", False)))
     cmap = color_map(256)
     out_dir = Path(out) if out is not None else None
     names_out = OutputNames(out_dir)

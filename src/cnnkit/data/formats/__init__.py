@@ -168,9 +168,7 @@ def layout_task(root: str | os.PathLike[str]) -> str | None:
     if not root.is_dir():
         return None
     subs = {d.name.lower() for d in root.iterdir() if d.is_dir()}
-    if not subs & {*IMAGE_DIRS, "jpegimages"} and not any(
-        (root / s).is_dir() for s in ("train/images", "train/image")
-    ):
+    if not subs & set(IMAGE_DIRS) and not any((root / s).is_dir() for s in ("train/images", "train/image")):
         return None
     if sniff_box_format(root) is not None:
         return "detect"
