@@ -23,6 +23,7 @@ from cnnkit.data.images import first_readable, open_image, read_image, verify_im
 from cnnkit.data.report import DataReport
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cnnkit.errors import DataError
+from cnnkit.viz import color_map as color_map  # re-exported: where the first release had it
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +220,3 @@ def infer_num_classes(
         if values.size:
             top = max(top, int(values.max()))
     return top + 1
-
-
-# A palette for drawing classes (VOC's bit-interleaved colour map).
-def color_map(n: int = 256) -> np.ndarray:
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap

@@ -56,6 +56,10 @@ class FitState:
     world_size: int = 1
     #: Sum of the (detached) losses of the micro-batches of the optimizer step in progress.
     window_loss: torch.Tensor | None = None
+    #: The micro-batch just trained on (on the device), for the hooks of ``after_step``.
+    batch: Any = None
+    #: Pictures drawn since the loggers last looked (name -> file); a logger that shows them clears it.
+    pictures: dict[str, Path] = field(default_factory=dict)
 
     @property
     def weights_dir(self) -> Path:

@@ -1,10 +1,11 @@
 """Experiment tracking as callbacks: TensorBoard and MLflow (``--log tensorboard,mlflow``; results.csv is
 always written). Each is an optional extra: ``pip install 'cnnkit[tensorboard]'`` / ``'cnnkit[mlflow]'``.
 
-* TensorBoard: the scalars of every epoch (training and validation, the learning rate) under
+* TensorBoard: the scalars of every epoch (training and validation, the learning rate), the pictures
+  (``train_batch*``, ``val_pred`` as they are drawn) and the model's graph where it traces, under
   ``RUN/tensorboard/`` — ``tensorboard --logdir runs``.
 * MLflow: the run's options and training configuration as parameters, the metrics of every epoch, and
-  at the end ``results.csv``, ``results.png`` and the best weights as artifacts. It logs to
+  at the end ``results.csv``, every picture of the run and the best weights as artifacts. It logs to
   ``MLFLOW_TRACKING_URI`` when set, else to a local ``mlruns/`` folder (MLflow's file store, allowed
   explicitly: it works offline and needs no database), experiment ``cnnkit-TASK``.
 """
@@ -12,13 +13,17 @@ always written). Each is an optional extra: ``pip install 'cnnkit[tensorboard]'`
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cnnkit.engine.callbacks import Callback, FitState
 from cnnkit.errors import CnnkitError
+
+log = logging.getLogger("cnnkit")
 
 
 def _needs(module: str, extra: str) -> Any:
@@ -47,6 +52,7 @@ class TensorBoardLogger(Callback):
     def __init__(self) -> None:
         _needs("tensorboard", "tensorboard")
         self.writer: Any = None
+        self.graphed = False
 
     def on_fit_start(self, state: FitState) -> None:
         if state.is_main:
@@ -54,10 +60,37 @@ class TensorBoardLogger(Callback):
 
             self.writer = SummaryWriter(str(state.run_dir / "tensorboard"), purge_step=state.epoch + 1)
 
+    def after_step(self, state: FitState) -> None:
+        if self.writer is not None and not self.graphed and state.batch is not None:
+            self.graphed = True
+            self._add_graph(state)
+
+    def _add_graph(self, state: FitState) -> None:
+        """The model's graph, traced on one input image by a copy in eval mode (tracing the training
+        model would update its BatchNorm statistics); a model that does not trace is said and skipped."""
+        import copy
+
+        import torch
+
+        model = state.eval_model
+        inputs = state.batch[0] if isinstance(state.batch, list | tuple) else state.batch
+        if model is None or not isinstance(inputs, torch.Tensor):
+            return
+        try:
+            twin = copy.deepcopy(model).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow
+                self.writer.add_graph(twin, inputs[:1].detach().float(), use_strict_trace=False)
+        except Exception as exc:  # any tracing failure: the graph is optional
+            log.info("TensorBoard: the model graph was not traced (%s: %s)", type(exc).__name__, exc)
+
     def on_epoch_end(self, state: FitState) -> None:
         if self.writer is not None:
             for key, value in _scalars(state.metrics).items():
                 self.writer.add_scalar(_tag(key), value, state.epoch)
+            for name, path in state.pictures.items():
+                self.writer.add_image(f"pictures/{name}", _pixels(path), state.epoch, dataformats="HWC")
+            state.pictures.clear()
             self.writer.flush()
 
     def on_fit_end(self, state: FitState) -> None:
@@ -94,12 +127,21 @@ class MLflowLogger(Callback):
     def on_fit_end(self, state: FitState) -> None:
         if self.run is None:
             return
-        for name in ("results.csv", "results.png", "weights/best.safetensors"):
+        pictures = sorted(p.name for p in state.run_dir.glob("*") if p.suffix in (".png", ".jpg"))
+        for name in ("results.csv", *pictures, "weights/best.safetensors"):
             path = state.run_dir / name
             if path.is_file():
                 self.mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent).strip("."))
         self.mlflow.end_run()
         self.run = None
+
+
+def _pixels(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def make_loggers(names: Sequence[str]) -> list[Callback]:

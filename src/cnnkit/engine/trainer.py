@@ -50,6 +50,7 @@ from cnnkit.engine.loops import (
     to_device,
 )
 from cnnkit.engine.optim import build_optimizer, lr_factor, set_lr
+from cnnkit.engine.pictures import Pictures
 from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Task
 
@@ -149,7 +150,7 @@ class Trainer:
         if cfg.patience:
             self.hooks.append(EarlyStopping(cfg.patience))
         if cfg.plots:
-            self.hooks.append(Plotter())
+            self.hooks += [Plotter(), Pictures(task, val_set, collate_fn)]
         self.hooks += make_loggers(cfg.log)
         self.hooks += list(callbacks)
         self.train_module = task.training_module(model)
@@ -255,7 +256,7 @@ class Trainer:
             s.window_loss = None
             for hook in self.hooks:
                 hook.before_step(s)
-        batch = to_device(batch, self.device, cfg.channels_last)
+        batch = s.batch = to_device(batch, self.device, cfg.channels_last)
         # Between optimizer steps, DDP need not all-reduce the gradients it accumulates.
         sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if not last and isinstance(self.train_module, nn.parallel.DistributedDataParallel):
@@ -275,6 +276,7 @@ class Trainer:
             s.step += 1
             for hook in self.hooks:
                 hook.after_step(s)
+            s.batch = None  # not held on the device through validation
         return {"loss": float(detached), **{k: float(v) for k, v in logs.items()}}  # a task's "loss" wins
 
     def validate(self) -> dict[str, float]:

@@ -8,6 +8,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.viz import Shown
+
 Batch = Any
 Logs = dict[str, float]
 
@@ -50,6 +53,16 @@ class Task(Protocol):
         ...
 
 
+class ShowsBatches(Protocol):
+    """A task that can draw its batches (``train_batch*.jpg``) and its predictions (``val_pred.jpg``);
+    optional: the engine draws nothing for a task without it."""
+
+    def show(self, batch: Batch, outputs: Any = None) -> list[Shown]:
+        """Each image of ``batch`` with its labels (``outputs`` None) or with the model's prediction
+        from ``outputs`` (what the model in eval mode returned for the batch's inputs)."""
+        ...
+
+
 class ImageTask:
     """Defaults shared by tasks whose batch is ``(images, targets...)`` and whose model is trained as is."""
 
@@ -64,6 +77,15 @@ class ImageTask:
         back-propagated one)."""
         loss, logs = self.loss(outputs, batch)  # type: ignore[attr-defined]
         return float(logs.get("loss", loss))
+
+
+def to_uint8(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """Normalised ``[B, 3, H, W]`` inputs back to ``uint8`` pixels on the CPU, to draw them."""
+    x = images.detach().float().cpu()
+    x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:

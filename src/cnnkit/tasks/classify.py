@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.tasks.base import ImageTask, Logs
+from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.viz import Shown
 
 
 class WithAux(nn.Module):
@@ -61,6 +62,17 @@ class ClassificationTask(ImageTask):
 
     def val_loss(self, outputs: Any, batch: Any) -> None:
         return None  # the evaluator sums the cross-entropy itself (over every process of a run)
+
+    def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
+        images, labels = to_uint8(batch[0]), batch[1].tolist()
+        if outputs is None:
+            return [Shown(im, [y]) for im, y in zip(images, labels)]
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        prob, top = logits.detach().float().softmax(1).max(1)
+        return [
+            Shown(im, [k], scores=[p], ok=k == y)
+            for im, y, k, p in zip(images, labels, top.tolist(), prob.tolist())
+        ]
 
 
 class ClassificationEvaluator:

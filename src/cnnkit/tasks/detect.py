@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from cnnkit.ops.boxes import box_iou, clip, complete_iou
 from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import decode_outputs, shape_iou
-from cnnkit.tasks.base import ImageTask, Logs
+from cnnkit.tasks.base import ImageTask, Logs, to_uint8
 from cnnkit.tasks.coco_eval import RECALL_THRESHOLDS, CocoEvaluator, CocoResult
+from cnnkit.viz import Shown
 
 BoxLoss = Literal["ciou", "mse"]
 SCALE_BALANCE = (4.0, 1.0, 0.4, 0.1, 0.05)
@@ -168,6 +169,18 @@ class DetectionTask(ImageTask):
 
     def postprocess(self, outputs: Sequence[torch.Tensor], **kwargs: Any) -> list[Detections]:
         return postprocess(outputs, self.anchors, self.strides, **kwargs)
+
+    def show(self, batch: Any, outputs: Any = None, conf: float = 0.25, iou: float = 0.45) -> list[Shown]:
+        """The letterboxed inputs with their boxes, or with the detections above ``conf``."""
+        images, targets = to_uint8(batch[0]), batch[1].detach().float().cpu()
+        if outputs is None:
+            rows = [targets[targets[:, 0] == i] for i in range(len(images))]
+            return [Shown(im, r[:, 1].long().tolist(), r[:, 2:6]) for im, r in zip(images, rows)]
+        dets = self.postprocess(outputs, conf=conf, iou=iou)
+        return [
+            Shown(im, d.labels.tolist(), d.boxes.float().cpu(), d.scores.tolist())
+            for im, d in zip(images, dets)
+        ]
 
     def evaluator(self) -> DetectionEvaluator:
         return DetectionEvaluator(self, conf=self.eval_conf, iou=self.eval_iou)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.ops.boxes import BoxFormat, convert, elementwise_iou
-from cnnkit.tasks.base import ImageTask, Logs
+from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.viz import Shown
 
 LandmarkLoss = Literal["l1", "smooth_l1", "wing"]
 
@@ -56,6 +57,26 @@ class LocalizationTask(ImageTask):
 
     def evaluator(self) -> LocalizationEvaluator:
         return LocalizationEvaluator(self.num_classes)
+
+    def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
+        """Each input with its box and class (none drawn without an object), or the predicted ones
+        where the object is predicted present."""
+        images = to_uint8(batch[0])
+        rows = (batch[1] if outputs is None else outputs).detach().float().cpu()
+        h, w = images.shape[-2:]
+        boxes = loc_boxes_xyxy(rows) * torch.tensor([w, h, w, h])
+        present = rows[:, 0] > (0.5 if outputs is None else 0.0)
+        if outputs is None:
+            classes = rows[:, 5].long()
+            scores: list[float | None] = [None] * len(rows)
+        else:
+            prob = rows[:, 5:].softmax(1) if self.num_classes > 1 else torch.ones(len(rows), 1)
+            top, classes = prob.max(1)
+            scores = (torch.sigmoid(rows[:, 0]) * top).tolist()
+        return [
+            Shown(im, [int(k)], b[None], None if s is None else [s]) if p else Shown(im, caption="no object")
+            for im, p, k, b, s in zip(images, present.tolist(), classes.tolist(), boxes, scores)
+        ]
 
 
 class LocalizationEvaluator:
@@ -143,6 +164,14 @@ class LandmarkTask(ImageTask):
 
     def evaluator(self) -> LandmarkEvaluator:
         return LandmarkEvaluator(self.norm_points, self.pck_threshold)
+
+    def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
+        """Each input with its visible points, or with every predicted point."""
+        images = to_uint8(batch[0])
+        h, w = images.shape[-2:]
+        points = (batch[1] if outputs is None else outputs).detach().float().cpu() * torch.tensor([w, h])
+        visible = batch[2].bool().cpu() if outputs is None else torch.ones(points.shape[:2], dtype=torch.bool)
+        return [Shown(im, points=p, visible=v) for im, p, v in zip(images, points, visible)]
 
 
 class LandmarkEvaluator:

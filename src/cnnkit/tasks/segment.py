@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.data.segment import fit_within
-from cnnkit.tasks.base import ImageTask, Logs
+from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.viz import Shown
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
 
@@ -113,6 +114,22 @@ class SegmentationTask(ImageTask):
 
     def evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(max(self.num_classes, 2), self.ignore_index, rect=self.rect)
+
+    def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
+        """Each image with its mask or the predicted one; masks kept at full resolution (evaluation of
+        images of their own sizes) are drawn over the image brought to that size."""
+        images, target = batch[0].detach().float(), batch[1]
+        if isinstance(target, torch.Tensor) and target.shape[-2:] == images.shape[-2:]:
+            pairs = list(zip(images, target.cpu()))
+            if outputs is not None:
+                pairs = list(zip(images, predict_classes(outputs.detach().float()).cpu()))
+        else:
+            pairs = [(up[0], mask) for up, mask in full_size(images, target, self.rect)]
+            if outputs is not None:
+                logits = full_size(outputs.detach().float(), target, self.rect)
+                pred = [predict_classes(up)[0] for up, _ in logits]
+                pairs = [(im, p) for (im, _), p in zip(pairs, pred)]
+        return [Shown(to_uint8(im[None])[0], mask=m.cpu().numpy()) for im, m in pairs]
 
     def val_loss(self, outputs: torch.Tensor, batch: Any) -> float:
         """The training loss at each mask's own resolution (logits cropped of their padding and upsampled,

@@ -25,20 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from cnnkit.data.formats.masks import read_mask
 from cnnkit.data.images import open_image, read_image
-from cnnkit.data.segment import color_map
 from cnnkit.engine.callbacks import drawn_or_logged
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.loops import new_run_dir
 from cnnkit.errors import DataError
-from cnnkit.viz import pyplot, save_figure
+from cnnkit.viz import Shown, draw_tile, pyplot, save_figure, save_grid
 from cnnkit.workflows.spec import Labelled, TaskData, TaskSpec, get_task
 
 log = logging.getLogger("cnnkit")
-TILE = 192  # pixels of the long side of each image in samples.jpg
 
 
 @dataclass
@@ -249,43 +246,14 @@ def _draw_labels(report: CheckReport, path: Path) -> None:
 def _draw_samples(items: list[Labelled], read: TaskData, names: list[str], path: Path) -> None:
     """A grid of images with their labels: boxes with names, mask overlays, points with indices, and
     the class name under each classification image."""
-    from cnnkit.workflows.segment import draw_overlay
-
+    ds = read.train
+    void = getattr(ds, "ignore_index", None)
     tiles = []
-    cmap = color_map(256)
-    mask_names = [*names, *map(str, range(len(names), 256))]
-    if isinstance(getattr(read.train, "ignore_index", None), int) and read.train.ignore_index < 256:
-        mask_names[read.train.ignore_index] = "void"
     for item in items:
-        image = read_image(item.path)
-        if item.mask is not None:
-            ds = read.train
-            mask = read_mask(item.mask, ds.palette, ds.ignore_index, ds.threshold)
-            tile = draw_overlay(image, mask, cmap, mask_names)
-        else:
-            tile = Image.fromarray(image.permute(1, 2, 0).numpy())
-        scale = TILE / max(tile.size)
-        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))))
-        draw = ImageDraw.Draw(tile)
-        if item.boxes is not None:
-            boxes = torch.as_tensor(item.boxes).view(-1, 4).float() * (scale if item.mask is None else 1)
-            for (x1, y1, x2, y2), c in zip(boxes.tolist(), item.classes):
-                colour = tuple(int(v) for v in cmap[c + 1])
-                draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
-                draw.text((x1 + 2, y1 + 1), names[c] if c < len(names) else str(c), fill=colour)
-        if item.points is not None:
-            for i, ((px, py), seen) in enumerate(zip(item.points.tolist(), item.visible.tolist())):
-                if seen:
-                    px, py, r = px * scale, py * scale, 3
-                    draw.ellipse((px - r, py - r, px + r, py + r), fill=(64, 255, 64))
-                    draw.text((px + r, py - r), str(i), fill=(255, 255, 255))
-        if item.boxes is None and item.mask is None and item.classes:
-            draw.rectangle((0, tile.height - 14, tile.width, tile.height), fill=(0, 0, 0))
-            draw.text((3, tile.height - 13), names[item.classes[0]], fill=(255, 255, 0))
-        tiles.append(tile)
-    cols = min(4, max(1, len(tiles)))
-    rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * (TILE + 4), rows * (TILE + 4)), (32, 32, 32))
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * (TILE + 4) + 2, (i // cols) * (TILE + 4) + 2))
-    grid.save(path, quality=90)
+        mask = None if item.mask is None else read_mask(item.mask, ds.palette, ds.ignore_index, ds.threshold)
+        boxes = None if item.boxes is None else torch.as_tensor(item.boxes).view(-1, 4)
+        points = None if item.points is None else torch.as_tensor(item.points)
+        visible = None if item.visible is None else torch.as_tensor(item.visible)
+        shown = Shown(read_image(item.path), item.classes, boxes, None, mask, points, visible)
+        tiles.append(draw_tile(shown, names, void=void if isinstance(void, int) else None))
+    save_grid(tiles, path)

@@ -32,6 +32,7 @@ from cnnkit.models.yolo import Neck
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
+from cnnkit.viz import box_colour
 from cnnkit.workflows.common import load_task_model
 from cnnkit.workflows.spec import (
     Labelled,
@@ -290,29 +291,13 @@ def predict(
         yield pred
 
 
-def _colour(k: int) -> tuple[int, int, int]:
-    palette = (
-        (255, 56, 56),
-        (72, 249, 10),
-        (0, 194, 255),
-        (255, 157, 151),
-        (146, 204, 23),
-        (255, 178, 29),
-        (132, 56, 255),
-        (0, 212, 187),
-        (255, 55, 199),
-        (61, 219, 134),
-    )
-    return palette[k % len(palette)]
-
-
 def draw_detections(image: torch.Tensor, pred: DetPrediction, path: Path) -> None:
     """Draw boxes with ``class score`` labels over ``image [3, H, W] uint8`` and save it."""
     img = Image.fromarray(image.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 200))
     for box, score, label, k in zip(pred.boxes, pred.scores, pred.labels, pred.classes):
-        colour = _colour(k)
+        colour = box_colour(k)
         draw.rectangle(box, outline=colour, width=width)
         text = f"{label} {score:.2f}"
         tx, ty = box[0], max(0.0, box[1] - 11)

@@ -22,7 +22,6 @@ from cnnkit.data.segment import (
     SegmentationDataset,
     SegmentationTransform,
     collate_segmentation,
-    color_map,
     fit_within,
     frame_of,
     infer_num_classes,
@@ -34,6 +33,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
+from cnnkit.viz import color_map, draw_overlay
 from cnnkit.workflows.common import load_task_model, names_of, preprocess
 from cnnkit.workflows.spec import (
     Labelled,
@@ -208,32 +208,3 @@ def predict(
             names = meta.get("class_names") or [str(i) for i in range(256)]
             draw_overlay(image, mask, cmap, names, alpha).save(overlay_file, quality=92)
         yield SegmentPrediction(frame.name, mask, mask_file, overlay_file)
-
-
-def draw_overlay(
-    image: torch.Tensor, mask: np.ndarray, cmap: np.ndarray, names: Sequence[str], alpha: float = 0.5
-) -> Image.Image:
-    """The class colours blended over ``image [3, H, W] uint8`` (background left as it is), with a legend
-    below naming the classes present; small images are enlarged first so the legend stays readable."""
-    from PIL import ImageDraw
-
-    rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
-    blend = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * cmap[mask].astype(np.float32), rgb)
-    picture = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
-    if picture.width < 256:
-        scale = 256 / picture.width
-        picture = picture.resize((256, max(1, round(picture.height * scale))), Image.Resampling.NEAREST)
-    present = [int(c) for c in np.unique(mask)]
-    rows = max(1, -(-len(present) // 3))
-    canvas = Image.new("RGB", (picture.width, picture.height + 14 * rows + 4), (0, 0, 0))
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    col_w = picture.width // 3
-    for k, c in enumerate(present):
-        x, y = 4 + (k % 3) * col_w, picture.height + 3 + 14 * (k // 3)
-        draw.rectangle(
-            (x, y + 1, x + 10, y + 11), fill=tuple(int(v) for v in cmap[c]), outline=(255, 255, 255)
-        )
-        name = names[c] if c < len(names) else str(c)
-        draw.text((x + 14, y), name[: max(4, col_w // 7)], fill=(255, 255, 255))
-    return canvas

@@ -1,0 +1,98 @@
+"""Pictures of a run as it trains, for every task that can draw its batches (``Task.show``):
+
+* ``train_batch0.jpg``, ``train_batch1.jpg``, ``train_batch2.jpg``: the first batches of the run as the
+  model sees them, after augmentation, with their labels (a wrong label or a broken augmentation shows
+  here before any metric does);
+* ``val_pred.jpg``: a fixed set of validation images, each ground truth next to the model's prediction,
+  redrawn as epochs end (at most once per ``every`` seconds when epochs are shorter, and after the last).
+
+Each new picture is also listed in ``FitState.pictures`` for the loggers (TensorBoard shows them).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from cnnkit.engine.callbacks import Callback, FitState, drawn_or_logged
+from cnnkit.tasks.base import Task
+from cnnkit.viz import Shown, draw_tile, save_grid
+
+
+class Pictures(Callback):
+    def __init__(
+        self,
+        task: Task,
+        val_set: Dataset[Any] | None,
+        collate_fn: Any = None,
+        *,
+        batches: int = 3,
+        samples: int = 8,
+        per_batch: int = 16,
+        every: float = 20.0,
+    ) -> None:
+        self.show = getattr(task, "show", None)
+        self.void = getattr(task, "ignore_index", None)
+        self.val_set, self.collate = val_set, collate_fn or default_collate
+        self.batches, self.samples, self.per_batch, self.every = batches, samples, per_batch, every
+        self.batches_left = 0
+        self.last, self.drawn = -float("inf"), -1  # when and for which epoch val_pred.jpg was drawn
+
+    def on_fit_start(self, state: FitState) -> None:
+        # a resumed run keeps the batches its first epoch drew
+        self.batches_left = self.batches if state.epoch == 0 and state.is_main and self.show else 0
+
+    def after_step(self, state: FitState) -> None:
+        if self.batches_left and state.batch is not None:
+            k = self.batches - self.batches_left
+            self.batches_left -= 1
+            path = state.run_dir / f"train_batch{k}.jpg"
+            drawn_or_logged(self._draw, self.show(state.batch)[: self.per_batch], state, path)  # type: ignore[misc]
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if time.monotonic() - self.last >= self.every or state.epoch >= state.epochs:
+            self.on_fit_end(state)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if not (state.is_main and self.show and self.val_set is not None and len(self.val_set)):  # type: ignore[arg-type]
+            return
+        if self.drawn != state.epoch and state.eval_model is not None:
+            self.drawn, self.last = state.epoch, time.monotonic()
+            drawn_or_logged(self._draw_predictions, state)
+
+    def _draw_predictions(self, state: FitState) -> None:
+        assert self.show is not None and self.val_set is not None and state.eval_model is not None
+        n = len(self.val_set)  # type: ignore[arg-type]
+        picks = torch.linspace(0, n - 1, min(self.samples, n)).round().long().unique().tolist()
+        batch = self.collate([self.val_set[i] for i in picks])
+        model = state.eval_model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                images = batch[0].to(device)
+                outputs = model(images)
+        finally:
+            model.train(was_training)
+        truth, pred = self.show(batch), self.show(batch, outputs)
+        pairs = []
+        for t, p in zip(truth, pred):
+            t.caption = "truth" if t.caption is None and not _is_class_line(t) else t.caption
+            p.caption = "prediction" if p.caption is None and not _is_class_line(p) else p.caption
+            pairs += [t, p]
+        self._draw(pairs, state, state.run_dir / "val_pred.jpg")
+
+    def _draw(self, items: list[Shown], state: FitState, path: Path) -> None:
+        names = state.metadata.get("class_names") or []
+        save_grid([draw_tile(item, names, void=self.void) for item in items], path)
+        state.pictures[path.stem] = path
+
+
+def _is_class_line(item: Shown) -> bool:
+    """A classification's picture, whose caption is its class."""
+    return item.boxes is None and item.mask is None and item.points is None and bool(item.classes)
