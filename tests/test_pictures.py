@@ -86,3 +86,27 @@ def test_segmentation_at_full_resolution_brings_the_image_to_the_mask() -> None:
     shown = task.show((torch.zeros(2, 3, 32, 32), masks), torch.zeros(2, 3, 32, 32))
     assert [tuple(s.image.shape) for s in shown] == [(3, 30, 60), (3, 50, 50)]
     assert [s.mask.shape for s in shown if s.mask is not None] == [(30, 60), (50, 50)]
+
+
+def test_the_confusion_matrix_shows_the_shares_its_title_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen: the title said row-normalised while the cells showed counts, with no colour bar."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from cnnkit.viz import plot_confusion
+
+    texts: list[str] = []
+    titles: list[str] = []
+    bars: list[object] = []
+    text, title, colorbar = Axes.text, Axes.set_title, Figure.colorbar
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: texts.append(s) or text(self, x, y, s, **kw))
+    monkeypatch.setattr(Axes, "set_title", lambda self, s, **kw: titles.append(s) or title(self, s, **kw))
+    monkeypatch.setattr(Figure, "colorbar", lambda self, *a, **kw: bars.append(1) or colorbar(self, *a, **kw))
+    confusion = torch.tensor([[3, 1], [0, 2]])
+    plot_confusion(confusion, tmp_path / "cm.png", ["a", "b"], note="boxes scoring > 0.25")
+    assert sorted(texts) == ["0.25\n1", "0.75\n3", "1.00\n2"]
+    assert "normalised per true class" in titles[0] and "scoring > 0.25" in titles[0] and bars
+    with Image.open(tmp_path / "cm.png") as im:
+        assert im.size[0] > 300

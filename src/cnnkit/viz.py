@@ -172,3 +172,34 @@ def save_grid(tiles: Sequence[Image.Image], path: Path, cols: int = 4, size: int
     with atomic_path(path) as tmp:
         grid.save(tmp, format="JPEG", quality=90)
     return path
+
+
+def plot_confusion(
+    confusion: torch.Tensor, path: Path, class_names: Sequence[str] | None = None, note: str = ""
+) -> Path:
+    """The confusion matrix (rows: truth, columns: prediction) normalised per row: each cell is the share
+    of a true class predicted as each class (the diagonal is each class's recall), written in the cell
+    with its count below, and a colour bar. ``note``: how the matrix was counted (thresholds)."""
+    plt = pyplot()
+    cm = confusion.double()
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    n = cm.shape[0]
+    names = list(class_names) if class_names else [str(i) for i in range(n)]
+    size = min(max(4.5, 0.55 * n + 2.5), 22)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shown = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] > 0:
+                    text = f"{norm[i, j]:.2f}" + (f"\n{int(cm[i, j])}" if n <= 15 else "")
+                    colour = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    title = "confusion matrix, normalised per true class (cells: share, count)"
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
+    return save_figure(fig, path)

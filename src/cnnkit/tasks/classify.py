@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.tasks.base import ImageTask, Logs, to_uint8
-from cnnkit.viz import Shown
+from cnnkit.viz import Shown, plot_confusion
 
 
 class WithAux(nn.Module):
@@ -136,36 +136,3 @@ class ClassificationEvaluator:
 
     def save_plots(self, run_dir: Path, class_names: Sequence[str] | None = None) -> Path:
         return plot_confusion(self.confusion, run_dir / "confusion_matrix.png", class_names)
-
-
-def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Sequence[str] | None = None) -> Path:
-    """Row-normalised confusion matrix (recall per true class) with counts."""
-    from cnnkit.viz import pyplot, save_figure
-
-    plt = pyplot()
-    cm = confusion.double()
-    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
-    n = cm.shape[0]
-    names = list(class_names) if class_names else [str(i) for i in range(n)]
-    size = min(max(4.0, 0.5 * n + 2), 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j] > 0:
-                    ax.text(
-                        j,
-                        i,
-                        str(int(cm[i, j])),
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black",
-                    )
-        ax.set_xticks(range(n), names, rotation=90)
-        ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (row-normalised)")
-    return save_figure(fig, path)

@@ -41,10 +41,11 @@ from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import decode_outputs, shape_iou
 from cnnkit.tasks.base import ImageTask, Logs, to_uint8
 from cnnkit.tasks.coco_eval import RECALL_THRESHOLDS, CocoEvaluator, CocoResult
-from cnnkit.viz import Shown
+from cnnkit.viz import Shown, plot_confusion
 
 BoxLoss = Literal["ciou", "mse"]
 SCALE_BALANCE = (4.0, 1.0, 0.4, 0.1, 0.05)
+CONFUSION_CONF, CONFUSION_IOU = 0.25, 0.45  # how the confusion matrix counts (as ultralytics does)
 
 
 def postprocess(
@@ -226,8 +227,8 @@ class DetectionEvaluator:
         boxes: torch.Tensor,
         scores: torch.Tensor,
         labels: torch.Tensor,
-        conf: float = 0.25,
-        iou: float = 0.45,
+        conf: float = CONFUSION_CONF,
+        iou: float = CONFUSION_IOU,
     ) -> None:
         keep = scores > conf
         boxes, labels = boxes[keep], labels[keep]
@@ -290,7 +291,6 @@ class DetectionEvaluator:
         ]
 
     def save_plots(self, run_dir: Path, class_names: Sequence[str] | None = None) -> list[Path]:
-        from cnnkit.tasks.classify import plot_confusion
         from cnnkit.viz import pyplot, save_figure
 
         result = self.result or self.coco.compute()
@@ -328,5 +328,10 @@ class DetectionEvaluator:
             ax_f1.set_title(f"mean F1 {f1[best]:.3f} at confidence {result.conf_grid[best]:.3f}")
         ax_f1.set(xlabel="confidence", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02))
         pr_path = save_figure(fig, run_dir / "pr_curve.png")
-        cm_path = plot_confusion(self.confusion, run_dir / "confusion_matrix.png", [*names, "background"])
+        note = (
+            f"boxes scoring > {CONFUSION_CONF} matched to objects at IoU > {CONFUSION_IOU}; background: "
+            "missed objects (column), false detections (row)"
+        )
+        cm_path = run_dir / "confusion_matrix.png"
+        plot_confusion(self.confusion, cm_path, [*names, "background"], note)
         return [pr_path, cm_path]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cnnkit.data.segment import fit_within
 from cnnkit.tasks.base import ImageTask, Logs, to_uint8
-from cnnkit.viz import Shown
+from cnnkit.viz import Shown, plot_confusion
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
 
@@ -222,6 +222,5 @@ class SegmentationEvaluator:
         return out
 
     def save_plots(self, run_dir: Path, class_names: Sequence[str] | None = None) -> Path:
-        from cnnkit.tasks.classify import plot_confusion
-
-        return plot_confusion(self.confusion, run_dir / "confusion_matrix.png", class_names)
+        note = "pixels; void pixels left out" if self.ignore_index is not None else "pixels"
+        return plot_confusion(self.confusion, run_dir / "confusion_matrix.png", class_names, note)
