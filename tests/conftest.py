@@ -39,6 +39,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder: default outputs (runs/val, runs/predict, mlruns) never land in
+    the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def digits_0_4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built-in digits 0-4, one rendering each, small images: an ImageFolder root with train/ and val/."""

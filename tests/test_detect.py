@@ -257,6 +257,13 @@ def test_cli_train_val_predict_detect(tmp_path: Path, cnnkit_cli: CliRun) -> Non
     report = json.loads(cnnkit_cli("val", "detect", "--weights", weights, "--json", cwd=tmp_path).stdout)
     assert set(report["metrics"]) >= {"mAP50", "mAP", "precision", "recall"}
     assert len(report["per_class"]) == 10 and "mAP_small" in report["coco"]
+    assert {"precision", "recall", "AP50", "AP", "support"} == set(report["per_class"][0]) - {"class"}
+    # val keeps its outputs in a new folder: the same numbers, per class, the plots and predictions
+    kept = tmp_path / "runs" / "val" / "detect" / "exp"
+    assert json.loads((kept / "metrics.json").read_text())["metrics"] == report["metrics"]
+    assert (kept / "per_class.csv").read_text().startswith("class,precision,recall,AP50,AP,support")
+    for name in ("confusion_matrix.png", "pr_curve.png", "val_pred.jpg"):
+        assert (kept / name).stat().st_size > 1000, name
     # the COCO copy of the same data evaluates to the same numbers
     annotations = data / "annotations"
     coco_args = [
@@ -269,6 +276,7 @@ def test_cli_train_val_predict_detect(tmp_path: Path, cnnkit_cli: CliRun) -> Non
         cnnkit_cli("val", "detect", "--weights", weights, *coco_args, "--json", cwd=tmp_path).stdout
     )
     assert coco["metrics"]["mAP"] == pytest.approx(report["metrics"]["mAP"], abs=1e-3)
+    assert (kept.parent / "exp2" / "metrics.json").is_file()  # a second val never overwrites the first
     predict = ["predict", "detect", "--weights", weights, "--conf", "0.0001"]
     results = json.loads(cnnkit_cli(*predict, str(data / "images" / "val"), "--json", cwd=tmp_path).stdout)
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
@@ -323,3 +331,17 @@ def test_cli_anchor_argument() -> None:
         ((10.0, 13.0), (16.0, 30.0)),
         ((30.0, 61.0), (62.0, 45.0)),
     )
+
+
+def test_per_class_precision_and_recall_at_the_best_mean_f1() -> None:
+    """Class 0: two objects, found once with a false box next to it; class 1: one object, found. The best
+    class-mean F1 keeps every detection: P = R = 0.5 for class 0 and 1 for class 1."""
+    from cnnkit.tasks.coco_eval import CocoEvaluator
+
+    coco = CocoEvaluator(3)
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], dtype=float)
+    dets = np.array([[0, 0, 10, 10], [60, 0, 70, 10], [40, 40, 50, 50]], dtype=float)
+    coco.add(gt, np.array([0, 0, 1]), dets, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1]))
+    precision, recall = coco.compute().per_class_pr()
+    assert precision[:2] == pytest.approx([0.5, 1.0], abs=1e-3) and recall[:2] == pytest.approx([0.5, 1.0])
+    assert np.isnan(precision[2]) and np.isnan(recall[2])  # class 2 has no ground truth

@@ -132,11 +132,11 @@ def cmd_val(args: argparse.Namespace) -> int:
         workers=args.workers,
         fast=args.fast,
         options=_options(args, spec.ValOptions),
+        out=args.out,
+        name=args.name,
     )
     if args.json:
-        print(
-            json.dumps({"metrics": report.metrics, "per_class": report.per_class, **report.extra}, indent=2)
-        )
+        print(json.dumps(report.to_json(), indent=2))
         return 0
     print("  ".join(f"{k} {_fmt(v)}" for k, v in report.metrics.items()))
     for name, values in report.extra.items():
@@ -144,6 +144,8 @@ def cmd_val(args: argparse.Namespace) -> int:
     for row in report.per_class:
         cells = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "class")
         print(f"  {row['class']:<20} {cells}")
+    if report.out is not None:
+        print(f"results in {report.out}")
     return 0
 
 
@@ -245,6 +247,12 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--batch", type=int, help=f"batch size (default {spec.val_batch})")
         p.add_argument("--imgsz", type=int, help="input size (default: the training size)")
         p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+        p.add_argument(
+            "--out",
+            default="runs/val",
+            help="metrics.json, per_class.csv and the plots go to a new OUT/TASK/NAME (default runs/val)",
+        )
+        p.add_argument("--name", default="exp", help="the folder's name (NAME2, NAME3... when it exists)")
         if spec.ValOptions is not None:
             add_dataclass_arguments(p, spec.ValOptions)
         p.set_defaults(func=cmd_val, spec=spec)

@@ -12,6 +12,7 @@ Each new picture is also listed in ``FitState.pictures`` for the loggers (Tensor
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,26 +67,12 @@ class Pictures(Callback):
 
     def _draw_predictions(self, state: FitState) -> None:
         assert self.show is not None and self.val_set is not None and state.eval_model is not None
-        n = len(self.val_set)  # type: ignore[arg-type]
-        picks = torch.linspace(0, n - 1, min(self.samples, n)).round().long().unique().tolist()
-        batch = self.collate([self.val_set[i] for i in picks])
-        model = state.eval_model
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                images = batch[0].to(device)
-                outputs = model(images)
-        finally:
-            model.train(was_training)
-        truth, pred = self.show(batch), self.show(batch, outputs)
-        pairs = []
-        for t, p in zip(truth, pred):
-            t.caption = "truth" if t.caption is None and not _is_class_line(t) else t.caption
-            p.caption = "prediction" if p.caption is None and not _is_class_line(p) else p.caption
-            pairs += [t, p]
-        self._draw(pairs, state, state.run_dir / "val_pred.jpg")
+        names = state.metadata.get("class_names") or []
+        path = state.run_dir / "val_pred.jpg"
+        draw_predictions(
+            self.show, state.eval_model, self.val_set, path, names, self.collate, self.void, self.samples
+        )
+        state.pictures[path.stem] = path
 
     def _draw(self, items: list[Shown], state: FitState, path: Path) -> None:
         names = state.metadata.get("class_names") or []
@@ -96,3 +83,34 @@ class Pictures(Callback):
 def _is_class_line(item: Shown) -> bool:
     """A classification's picture, whose caption is its class."""
     return item.boxes is None and item.mask is None and item.points is None and bool(item.classes)
+
+
+def draw_predictions(
+    show: Any,
+    model: torch.nn.Module,
+    dataset: Dataset[Any],
+    path: Path,
+    names: Sequence[str],
+    collate_fn: Any = None,
+    void: int | None = None,
+    samples: int = 8,
+) -> Path:
+    """``samples`` images spread over ``dataset``, each ground truth next to ``model``'s prediction
+    (``show``: the task's :meth:`~cnnkit.tasks.base.ShowsBatches.show`), as a grid at ``path``."""
+    n = len(dataset)  # type: ignore[arg-type]
+    picks = torch.linspace(0, n - 1, min(samples, n)).round().long().unique().tolist()
+    batch = (collate_fn or default_collate)([dataset[i] for i in picks])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outputs = model(batch[0].to(device))
+    finally:
+        model.train(was_training)
+    pairs = []
+    for truth, pred in zip(show(batch), show(batch, outputs)):
+        truth.caption = "truth" if truth.caption is None and not _is_class_line(truth) else truth.caption
+        pred.caption = "prediction" if pred.caption is None and not _is_class_line(pred) else pred.caption
+        pairs += [truth, pred]
+    return save_grid([draw_tile(item, names, void=void) for item in pairs], path)

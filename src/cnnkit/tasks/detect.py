@@ -275,16 +275,24 @@ class DetectionEvaluator:
         }
 
     def per_class(self, class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """AP at 0.5 and 0.5:0.95 and ground-truth count of each class."""
+        """Precision and recall (at the confidence of the best mean F1, IoU 0.5), AP at 0.5 and at
+        0.5:0.95, and the ground-truth objects of each class (None: no ground truth)."""
         result = self.result or self.coco.compute()
         ap, ap50 = result.per_class_ap(), result.per_class_ap(0.5)
+        precision, recall = result.per_class_pr()
         names = list(class_names) if class_names else [str(i) for i in range(self.task.num_classes)]
         support = self.confusion[:-1].sum(1)
+
+        def value(x: float) -> float | None:
+            return None if np.isnan(x) else float(x)
+
         return [
             {
                 "class": names[k],
-                "AP50": None if np.isnan(ap50[k]) else float(ap50[k]),
-                "AP": None if np.isnan(ap[k]) else float(ap[k]),
+                "precision": value(precision[k]),
+                "recall": value(recall[k]),
+                "AP50": value(ap50[k]),
+                "AP": value(ap[k]),
                 "support": int(support[k]),
             }
             for k in range(self.task.num_classes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,11 +16,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
+from cnnkit.engine.callbacks import drawn_or_logged
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.loops import evaluate, load_training_state, make_loader
+from cnnkit.engine.pictures import draw_predictions
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import prepare
+from cnnkit.io import atomic_path
 from cnnkit.tasks.base import Task
 from cnnkit.weights import read_metadata
 
@@ -106,3 +111,33 @@ def evaluate_dataset(
     return evaluate(
         task, prepared.model, loader, dev, prepared.dtype, progress=True, channels_last=prepared.channels_last
     )
+
+
+def write_val_outputs(
+    folder: Path,
+    report: Any,
+    source: dict[str, Any],
+    evaluator: Any,
+    task: Task,
+    model: nn.Module,
+    dataset: Any,
+    names: Sequence[str] | None,
+) -> None:
+    """What ``val --out`` keeps: ``metrics.json`` (where from, the metrics, per class, extras),
+    ``per_class.csv``, the evaluator's plots (confusion matrix, PR curve) and ``val_pred.jpg``."""
+    with atomic_path(folder / "metrics.json") as tmp:
+        tmp.write_text(json.dumps({**source, **report.to_json()}, indent=2) + "\n")
+    if report.per_class:
+        with atomic_path(folder / "per_class.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(report.per_class[0]))
+            writer.writeheader()
+            writer.writerows(report.per_class)
+    if hasattr(evaluator, "save_plots"):
+        drawn_or_logged(evaluator.save_plots, folder, names)
+    show = getattr(task, "show", None)
+    if show is not None and len(dataset.val):
+        void = getattr(task, "ignore_index", None)
+        path = folder / "val_pred.jpg"
+        drawn_or_logged(
+            draw_predictions, show, model, dataset.val, path, names or [], dataset.collate_fn, void
+        )

@@ -33,6 +33,7 @@ from cnnkit.workflows.common import (
     rebuild_model,
     record_skipped,
     resume_point,
+    write_val_outputs,
 )
 from cnnkit.workflows.record import RunRecord
 from cnnkit.workflows.spec import PredictRecord, TaskSpec, ValReport, get_task
@@ -154,10 +155,13 @@ def val(
     device: str = "auto",
     workers: int = 2,
     fast: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    name: str = "exp",
 ) -> ValReport:
     """Evaluate trained ``weights`` on ``data`` (default: the validation split the training used, by the
     same seed); ``task``: refuse weights of another task. ``options`` is the spec's ``ValOptions``
-    instance (thresholds), None for its defaults."""
+    instance (thresholds), None for its defaults. With ``out``, a new folder ``out/TASK/name`` (``name2``...
+    when it exists) gets ``metrics.json``, ``per_class.csv``, the task's plots and ``val_pred.jpg``."""
     spec = _spec_of(weights, task)
     model, meta = load_task_model(weights, spec.name)
     recorded = options_from_record(spec, meta, str(weights))
@@ -186,8 +190,14 @@ def val(
         fast=fast,
         collate_fn=dataset.collate_fn,
     )
-    report = spec.val_report(evaluator, names)
-    return ValReport(metrics, report.per_class, report.extra)
+    found = spec.val_report(evaluator, names)
+    report = ValReport(metrics, found.per_class, found.extra)
+    if out is None:
+        return report
+    folder = new_run_dir(out, spec.name, name)
+    source = {"weights": str(weights), "data": recorded.data, "imgsz": cfg.imgsz}
+    write_val_outputs(folder, report, source, evaluator, objective, model, dataset, names)
+    return dataclasses.replace(report, out=folder)
 
 
 def _spec_of(weights: str | os.PathLike[str], task: str | None) -> TaskSpec:

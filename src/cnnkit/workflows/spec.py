@@ -65,6 +65,10 @@ class ValReport:
     metrics: dict[str, float]
     per_class: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None  # the folder its files were written to (``val --out``)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "per_class": self.per_class, **self.extra}
 
 
 @dataclass(frozen=True)
