@@ -237,3 +237,27 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["train", "classify", "--resume", str(tmp_path)]) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("stage2_best", "best_file", "best_epoch"),
+    [(0.8, "weights/best.safetensors", 3), (0.95, "finetune/weights/best.safetensors", 4 + 2)],
+)
+def test_a_two_stage_run_reports_the_best_of_both_stages(
+    tmp_path: Path, stage2_best: float, best_file: str, best_epoch: int
+) -> None:
+    """Seen: fine-tuning that lowered top-1 reported its own best, not stage 1's better one. Stage 1 here:
+    4 epochs, the best (top-1 0.9) at epoch 3; stage 2's best is at its epoch 2."""
+    from torch import nn
+
+    from cnnkit.engine.trainer import FitResult
+    from cnnkit.weights import save_weights
+    from cnnkit.workflows.classify import best_of_both_stages
+
+    weights = tmp_path / "weights"
+    save_weights(nn.Linear(2, 2), weights / "best.safetensors", {"epoch": 3, "metrics": {"top1": 0.9}})
+    save_weights(nn.Linear(2, 2), weights / "last.safetensors", {"epoch": 4, "metrics": {"top1": 0.7}})
+    stage2 = FitResult(tmp_path / "finetune", {}, stage2_best, 2, fitness_key="top1")
+    result = best_of_both_stages(tmp_path, stage2)
+    assert result.best == tmp_path / best_file
+    assert result.best_epoch == best_epoch and result.best_fitness == max(0.9, stage2_best)

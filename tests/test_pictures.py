@@ -29,7 +29,10 @@ TASKS = {
         ["--backbone-args", '{"width": 0.25}', "--strides", "8", "16", "--imgsz", "64"],
     ),
     "segment": (lambda root: write_scenes(root, n_train=8, n_val=8, size=(40, 56)), ["--imgsz", "64"]),
-    "localize": (lambda root: builtin.write_localization(root, n_train=16, n_val=8, seed=0), ["--imgsz", "64"]),
+    "localize": (
+        lambda root: builtin.write_localization(root, n_train=16, n_val=8, seed=0),
+        ["--imgsz", "64"],
+    ),
     "landmarks": (lambda root: builtin.write_landmarks(root, n_train=16, n_val=8, seed=0), ["--imgsz", "64"]),
 }
 
@@ -101,7 +104,9 @@ def test_the_confusion_matrix_shows_the_shares_its_title_claims(
     titles: list[str] = []
     bars: list[object] = []
     text, title, colorbar = Axes.text, Axes.set_title, Figure.colorbar
-    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: texts.append(s) or text(self, x, y, s, **kw))
+    monkeypatch.setattr(
+        Axes, "text", lambda self, x, y, s, **kw: texts.append(s) or text(self, x, y, s, **kw)
+    )
     monkeypatch.setattr(Axes, "set_title", lambda self, s, **kw: titles.append(s) or title(self, s, **kw))
     monkeypatch.setattr(Figure, "colorbar", lambda self, *a, **kw: bars.append(1) or colorbar(self, *a, **kw))
     confusion = torch.tensor([[3, 1], [0, 2]])

@@ -80,10 +80,12 @@ class FitResult:
     trainable_params: int = 0
     frozen_params: int = 0
     fitness_key: str = "fitness"  # the metric that picked the best epoch
+    #: The best weights when they are not this run folder's own (the earlier stage of a two-stage run).
+    best_file: Path | None = None
 
     @property
     def best(self) -> Path:
-        return self.run_dir / "weights" / "best.safetensors"
+        return self.best_file or self.run_dir / "weights" / "best.safetensors"
 
     @property
     def last(self) -> Path:

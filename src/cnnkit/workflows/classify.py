@@ -3,7 +3,9 @@ and ``predict`` with the top classes drawn under each image."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
+from cnnkit.weights import read_metadata
 from cnnkit.workflows.common import load_task_model
 from cnnkit.workflows.spec import (
     Labelled,
@@ -213,7 +216,7 @@ class Classify(TaskSpec):
             f"stage 2: fine-tuning the last {opts.unfreeze_last} blocks at {opts.fine_tune_lr_factor:g}x lr",
         )
         stage2 = cfg.replace(epochs=opts.fine_tune_epochs, lr=cfg.lr * opts.fine_tune_lr_factor)
-        return fit(
+        result = fit(
             task,
             model,
             data.train,
@@ -224,6 +227,7 @@ class Classify(TaskSpec):
             metadata={**metadata, "stage": 2},
             callbacks=callbacks,
         )
+        return best_of_both_stages(run_dir, result)
 
     def val_data(
         self, opts: ClassifyOptions, cfg: TrainConfig, names: Sequence[str] | None, given: bool
@@ -257,6 +261,36 @@ class Classify(TaskSpec):
             top = [{"class": c, "prob": round(v, 4)} for c, v in p.topk]
             text = ", ".join(f"{c} {v:.3f}" for c, v in p.topk)
             yield PredictRecord({"path": p.path, "topk": top, "drawn": p.drawn}, f"{p.path}: {text}")
+
+
+def best_of_both_stages(run_dir: Path, stage2: FitResult) -> FitResult:
+    """The result of a two-stage run: fine-tuning's, but with the better of the two stages' best weights
+    (fine-tuning can lower the score: then stage 1's ``weights/best.safetensors`` stays the best).
+    Epochs count on from stage 1's."""
+    stage1 = read_metadata(run_dir / "weights" / "best.safetensors")
+    first_epochs = int(read_metadata(run_dir / "weights" / "last.safetensors").get("epoch", 0))
+    fitness = float((stage1.get("metrics") or {}).get(stage2.fitness_key, -math.inf))
+    if fitness > stage2.best_fitness:
+        log.info(
+            "best over both stages: stage 1, epoch %d (%s %.4f > fine-tuning's %.4f)",
+            int(stage1.get("epoch", 0)),
+            stage2.fitness_key,
+            fitness,
+            stage2.best_fitness,
+        )
+        return dataclasses.replace(
+            stage2,
+            best_fitness=fitness,
+            best_epoch=int(stage1.get("epoch", 0)),
+            best_file=run_dir / "weights" / "best.safetensors",
+        )
+    log.info(
+        "best over both stages: fine-tuning, epoch %d (%s %.4f)",
+        stage2.best_epoch,
+        stage2.fitness_key,
+        stage2.best_fitness,
+    )
+    return dataclasses.replace(stage2, best_epoch=first_epochs + stage2.best_epoch)
 
 
 def _log_trainable(model: nn.Module, what: str) -> None:
