@@ -57,7 +57,7 @@ def test_a_box_is_drawn_where_it_is() -> None:
     tile = np.asarray(draw_tile(Shown(image, [2], torch.tensor([[10.0, 20.0, 50.0, 40.0]])), ["a", "b", "c"]))
     scale = TILE / 96
     row = tile[round(30 * scale)]  # a row through the box: its left and right edges are class 2's colour
-    hit = np.nonzero((np.abs(row.astype(int) - box_colour(2)).sum(1) < 60))[0]
+    hit = np.nonzero(np.abs(row.astype(int) - box_colour(2)).sum(1) < 60)[0]
     assert abs(hit.min() - 10 * scale) <= 2 and abs(hit.max() - 50 * scale) <= 2
 
 
