@@ -156,7 +156,7 @@ LAYERS = [
     {"errors", "io", "arithmetic"},
     {"ops", "layers"},
     {"models", "registry", "weights", "hub"},
-    {"api", "summary", "viz"},
+    {"api", "summary", "viz", "cam"},
     {"data"},
     {"tasks"},
     {"engine", "inference"},

@@ -149,6 +149,28 @@ def cmd_val(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cnnkit.engine.loops import new_run_dir
+    from cnnkit.weights import read_metadata
+    from cnnkit.workflows.explain import explain
+
+    folder = new_run_dir(args.out, read_metadata(args.weights).get("task") or "classify", "exp")
+    options = {"method": args.method, "layer": args.layer, "target_class": args.target_class}
+    for e in explain(
+        args.weights,
+        args.sources,
+        **options,
+        max_boxes=args.max_boxes,
+        conf=args.conf,
+        out=folder,
+        device=args.device,
+    ):
+        targets = "; ".join(t.label for t in e.targets) or "nothing detected"
+        print(f"{e.path}: {targets} -> {e.drawn}")
+    print(f"results in {folder}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.workflows import run
 
@@ -268,6 +290,22 @@ def add_commands(sub: Any) -> None:
         if name == "detect":  # kept for old scripts: drawn images are always written to --out now
             p.add_argument("--save-img", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(func=cmd_predict, spec=spec)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps: where a classifier, localizer or detector looked")
+    p.add_argument("--weights", required=True, help="trained cnnkit weights (classify, localize, detect)")
+    p.add_argument("sources", nargs="+", help="image or video files, folders or globs")
+    p.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam", help="(default gradcam)")
+    p.add_argument("--layer", help="the module to explain (default: the deepest block of 6x6 cells or more)")
+    p.add_argument("--class", dest="target_class", help="explain this class, not the predicted one")
+    p.add_argument(
+        "--max-boxes", type=int, default=5, help="detection: boxes explained per image (default 5)"
+    )
+    p.add_argument("--conf", type=float, default=0.25, help="detection: score threshold (default 0.25)")
+    p.add_argument(
+        "--out", default="runs/explain", help="pictures go to a new OUT/TASK/exp* (default runs/explain)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("anchors", help="k-means (1 - IoU) anchor boxes of a detection dataset")
     p.add_argument("--data", required=True)

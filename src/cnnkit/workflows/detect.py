@@ -160,7 +160,7 @@ class Detect(TaskSpec):
         thresholds = (
             {} if val_options is None else {"eval_conf": val_options.conf, "eval_iou": val_options.iou}
         )
-        return _task(model, data.names or [], opts, **thresholds)
+        return detection_task(model, data.names or [], opts, **thresholds)
 
     def val_report(self, evaluator: DetectionEvaluator, names: Sequence[str] | None) -> ValReport:
         coco = evaluator.result.stats if evaluator.result else {}
@@ -219,7 +219,7 @@ def _anchors_for(data: DetectionData, opts: DetectOptions, imgsz: int, seed: int
     return [a[i * per : (i + 1) * per] for i in range(levels)]
 
 
-def _task(
+def detection_task(
     model: nn.Module, names: Sequence[str], opts: DetectOptions | None = None, **eval_args: float
 ) -> DetectionTask:
     opts = opts or DetectOptions()
@@ -261,7 +261,7 @@ def predict(
     written there with its boxes, classes and scores drawn."""
     model, meta = load_task_model(weights, "detect")
     names = list(meta["class_names"])
-    task = _task(model, names)
+    task = detection_task(model, names)
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)

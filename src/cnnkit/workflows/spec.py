@@ -215,7 +215,7 @@ def list_tasks() -> list[str]:
 
 
 #: modules of this package that are not task specs; every other module is one and registers its task
-_NOT_SPECS = {"spec", "run", "common", "record", "check"}
+_NOT_SPECS = {"spec", "run", "common", "record", "check", "explain"}
 
 
 def _load_builtin_tasks() -> None:
