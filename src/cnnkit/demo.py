@@ -79,17 +79,35 @@ def run_demo(out: str | os.PathLike[str] = "runs/demo") -> int:
     loc_run = _localization(root, result.best)
     det_run = _detection(root, result.best)
 
-    print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
-    print(f"  classifier   {result.best}")
-    print(f"               curves {classify_run / 'results.png'}")
-    print(f"               confusion matrix {classify_run / 'confusion_matrix.png'}")
-    print(f"  segmenter    {seg_run / 'weights' / 'best.safetensors'}")
-    print(f"               curves {seg_run / 'results.png'}, overlays {seg_pred / 'overlays'}")
-    print(f"  localizer    {loc_run / 'weights' / 'best.safetensors'} (drawn boxes in {loc_run / 'predict'})")
-    print(f"  detector     {det_run / 'weights' / 'best.safetensors'} (drawn boxes in {det_run / 'predict'})")
-    print(f"               PR curve {det_run / 'pr_curve.png'}, confusion {det_run / 'confusion_matrix.png'}")
+    from cnnkit.engine.loops import new_run_dir
+    from cnnkit.workflows.explain import explain
+
+    explained = new_run_dir(root / "explain", "classify")
+    for e in explain(result.best, samples, out=explained):
+        print(f"explain {Path(e.path).relative_to(data)}: Grad-CAM of {e.targets[0].label} -> {e.drawn}")
+
+    print(f"\nDone in {time.perf_counter() - start:.0f} s. Results (weights, then the pictures to look at):")
+    for task, run_dir, what, drawn in (
+        ("classifier", classify_run, "Grad-CAM heat maps", explained),
+        ("segmenter", seg_run, "drawn predictions", seg_pred / "overlays"),
+        ("localizer", loc_run, "drawn predictions", loc_run / "predict"),
+        ("detector", det_run, "drawn predictions", det_run / "predict"),
+    ):
+        print(f"  {task:<12} {run_dir / 'weights' / 'best.safetensors'}")
+        print(f"  {'':<12} {_pictures(run_dir)}")
+        print(f"  {'':<12} {what} in {drawn}")
     print(f"Try: cnnkit predict classify --weights {result.best} {data / 'val' / 'four'}")
+    print(f"     cnnkit explain --weights {result.best} {data / 'val' / 'four'}")
     return 0
+
+
+PICTURES = ("results.png", "train_batch0.jpg", "val_pred.jpg", "confusion_matrix.png", "pr_curve.png")
+
+
+def _pictures(run_dir: Path) -> str:
+    """The pictures a run drew."""
+    found = [name for name in PICTURES if (run_dir / name).is_file()]
+    return f"pictures in {run_dir}: {', '.join(found) or 'none'}"
 
 
 def _localization(root: Path, classifier: Path) -> Path:

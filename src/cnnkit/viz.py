@@ -137,7 +137,9 @@ def draw_tile(item: Shown, names: Sequence[str], size: int = TILE, void: int | N
             colour = box_colour(c)
             draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
             label = _class_name(names, c) + ("" if s is None else f" {s:.2f}")
-            draw.text((x1 + 2, y1 + 1), label, fill=colour)
+            top = y1 - 12 if y1 >= 12 else y1  # above the box, or inside it at the image's top
+            draw.rectangle((x1, top, x1 + draw.textlength(label) + 4, top + 12), fill=colour)
+            draw.text((x1 + 2, top), label, fill=(0, 0, 0) if sum(colour) > 400 else (255, 255, 255))
     if item.points is not None:
         seen = item.visible if item.visible is not None else torch.ones(len(item.points), dtype=torch.bool)
         for i, ((px, py), v) in enumerate(zip((item.points.float() * scale).tolist(), seen.tolist())):
