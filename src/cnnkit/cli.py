@@ -89,8 +89,33 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+        if quiet or "default" in text or isinstance(action, argparse._StoreConstAction):
+            return action.help
+        shown = (
+            " ".join(map(str, action.default)) if isinstance(action.default, list | tuple) else "%(default)s"
+        )
+        return f"{text} (default {shown})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser shows the defaults (sub-commands are made of the parent's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _ShowDefaults)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__)
+    from cnnkit import __version__
+
+    parser = _Parser(prog="cnnkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -101,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="per-layer shapes, receptive fields, parameters and MACs")
     p.add_argument("model")
     p.add_argument("--imgsz", type=_imgsz, default=None, help="input size N or HxW (default: the model's)")
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3, help="input channels")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo", help="run the main job end to end on built-in data")
@@ -111,15 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export weights to ONNX or TorchScript, checked against PyTorch")
     p.add_argument("--weights", required=True, help="cnnkit weights (.safetensors)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="the exported format")
     p.add_argument("--out", help="output file (default: beside the weights)")
     p.add_argument("--imgsz", type=int, help="input size (default: the training size)")
-    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--dynamic-batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="any batch size at run time",
+    )
     p.add_argument("--nms", action="store_true", help="detection, ONNX: thresholds and NMS in the graph")
     p.add_argument("--conf", type=float, default=0.25, help="--nms score threshold")
     p.add_argument("--iou", type=float, default=0.45, help="--nms IoU threshold")
     p.add_argument("--max-det", type=int, default=100, help="--nms: boxes kept per class and image")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max difference relative to output scale")
     p.set_defaults(func=cmd_export)
 
@@ -129,9 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a registered model name (random weights) or a cnnkit weights file")
     p.add_argument("--imgsz", type=int, help="input size (default: the weights' training size, or 224)")
     p.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
-    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time ONNX Runtime too (when installed)",
+    )
     p.set_defaults(func=cmd_benchmark)
 
     from cnnkit import cli_arith, cli_tasks
@@ -175,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnkitError as exc:
         print(f"cnnkit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`cnnkit models | head`): stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit would fail again
+        return 1
     except OSError as exc:  # the file system said no (a missing file, a full disk): one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"cnnkit: error: {where}{why_not_written(exc)}", file=sys.stderr)

@@ -309,8 +309,8 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("anchors", help="k-means (1 - IoU) anchor boxes of a detection dataset")
     p.add_argument("--data", required=True)
-    p.add_argument("-k", type=int, default=9)
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("-k", type=int, default=9, help="anchors to fit")
+    p.add_argument("--imgsz", type=int, default=640, help="network input size the boxes are letterboxed to")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_anchors)
 
@@ -319,7 +319,9 @@ def add_commands(sub: Any) -> None:
         "builtin", help="write a built-in dataset to disk (digits: every task; scenes: segment)"
     )
     p.add_argument("name", choices=["digits", "scenes"])
-    p.add_argument("--task", choices=list_tasks(), default="classify")
+    p.add_argument(
+        "--task", choices=list_tasks(), default="classify", help="the task the data is laid out for"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N digits")

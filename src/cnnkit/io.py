@@ -70,9 +70,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             yield tmp_path
             with open(tmp_path, "rb") as f:
                 os.fsync(f.fileno())
+            if tmp_path.exists() and not tmp_path.is_symlink():  # mkstemp's 0600 -> what open() would give
+                os.chmod(tmp_path, 0o666 & ~_umask())
             os.replace(tmp_path, target)
         finally:
             tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def make_dir(path: str | os.PathLike[str]) -> Path:
