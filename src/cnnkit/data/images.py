@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -267,17 +267,53 @@ class OutputNames:
         return target
 
 
-def iter_frames(sources: Iterable[str | os.PathLike[str]]) -> Iterator[Frame]:
+def iter_frames(sources: Iterable[Any]) -> Iterator[Frame]:
     """Decoded images and video frames of files, folders and globs, one at a time (nothing is held
-    beyond the current frame). An unreadable image or a broken video is logged and skipped."""
-    for path in iter_images(sources, videos=True):
-        if is_video(path):
-            yield from _video_frames(path)
-            continue
-        try:
-            yield Frame(path, read_image(path))
-        except DataError as exc:
-            log.warning("skipping %s", exc)
+    beyond the current frame), and images already in memory: :class:`Frame`, PIL images, numpy arrays
+    ``[H, W(, C)]`` and tensors ``[C, H, W]`` (uint8, or float in [0, 1]), named ``image0``, ``image1``...
+    by their place in ``sources``. An unreadable image or a broken video is logged and skipped."""
+    for k, source in enumerate(sources):
+        if isinstance(source, Frame):
+            yield source
+        elif not isinstance(source, str | os.PathLike):
+            yield Frame(Path(f"image{k}"), to_image_tensor(source, f"image{k}"))
+        else:
+            for path in iter_images([source], videos=True):
+                if is_video(path):
+                    yield from _video_frames(path)
+                    continue
+                try:
+                    yield Frame(path, read_image(path))
+                except DataError as exc:
+                    log.warning("skipping %s", exc)
+
+
+def to_image_tensor(image: Any, name: str = "image") -> torch.Tensor:
+    """An in-memory image as ``[3, H, W]`` uint8 RGB: a PIL image (any mode), a numpy array ``[H, W]``,
+    ``[H, W, 1|3|4]`` or a tensor ``[1|3|4, H, W]`` (``[H, W, 3]`` is taken as channels-last), uint8 or
+    float in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        t = torch.from_numpy(np.array(image, copy=None if image.flags.writeable else True, order="C"))
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1) if t.ndim == 3 else t
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        t = t[None] if t.ndim == 2 else t
+        if t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
+            t = t.permute(2, 0, 1)
+    else:
+        raise DataError(
+            f"{name}: not an image (a path, PIL image, numpy array or tensor): {type(image).__name__}"
+        )
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4) or min(t.shape[1:]) < 1:
+        raise DataError(
+            f"{name}: an image is [H, W], [H, W, C] or [C, H, W] with 1, 3 or 4 channels, not {list(t.shape)}"
+        )
+    if t.is_floating_point():
+        t = (t.float().clamp(0, 1) * 255).round()
+    t = t.to(torch.uint8)[:3]
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
 
 
 def _video_frames(path: Path) -> Iterator[Frame]:

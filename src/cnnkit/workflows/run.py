@@ -39,6 +39,7 @@ from cnnkit.workflows.record import RunRecord
 from cnnkit.workflows.spec import PredictRecord, TaskSpec, ValReport, get_task
 
 log = logging.getLogger("cnnkit")
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))  # keywords train() gives to cfg
 
 
 def _spec(task: str | TaskSpec) -> TaskSpec:
@@ -57,8 +58,12 @@ def train(
     **values: Any,
 ) -> FitResult:
     """Train ``task`` on ``data``: ``options`` is the spec's ``Options`` instance, or give its fields as
-    keyword arguments (the command line's names: ``model=``, ``freeze=``, ``mosaic=``...)."""
+    keyword arguments (the command line's names: ``model=``, ``freeze=``, ``mosaic=``...); the training
+    configuration's fields (``epochs=``, ``imgsz=``, ``lr=``...) may be keywords too, instead of ``cfg``."""
     spec = _spec(task)
+    engine = {k: values.pop(k) for k in list(values) if k in TRAIN_FIELDS}
+    if engine:
+        cfg = (cfg or TrainConfig()).replace(**engine)
     if options is None:
         if data is not None:
             values["data"] = str(data)
@@ -213,19 +218,20 @@ def _drop_val(options: Any) -> dict[str, Any]:
 
 def predict(
     weights: str | os.PathLike[str],
-    sources: Sequence[str | os.PathLike[str]],
+    sources: Sequence[Any],
     *,
     task: str | None = None,
     out: str | os.PathLike[str] | None = None,
     options: Any = None,
     **kwargs: Any,
 ) -> Iterator[PredictRecord]:
-    """Predict with trained ``weights`` on images (files, folders, globs, videos); ``out``: where the
-    drawn images go. ``options`` is the spec's ``PredictOptions`` instance (None: its defaults)."""
+    """Predict with trained ``weights`` on images (files, folders, globs, videos, or images in memory:
+    PIL, numpy, tensors); ``out``: where the drawn images go. ``options`` is the spec's
+    ``PredictOptions`` instance (None: its defaults)."""
     spec = _spec_of(weights, task)
     yield from spec.predict(
         str(weights),
-        [str(s) for s in sources],
+        [str(s) if isinstance(s, str | os.PathLike) else s for s in sources],  # or images in memory
         out=None if out is None else str(out),
         options=options,
         **kwargs,

@@ -154,7 +154,7 @@ class Segment(TaskSpec):
             ids = sorted(int(c) for c in set(p.mask.flatten().tolist()))
             classes = [names[c] if names and c < len(names) else str(c) for c in ids]
             data = {"path": p.path, "classes": classes, "mask": p.mask_file, "overlay": p.overlay_file}
-            yield PredictRecord(data, f"{p.path}: {', '.join(classes)} -> {p.mask_file}")
+            yield PredictRecord(data, f"{p.path}: {', '.join(classes)} -> {p.mask_file}", {"mask": p.mask})
 
 
 @dataclass(frozen=True)

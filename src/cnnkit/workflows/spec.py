@@ -73,10 +73,12 @@ class ValReport:
 
 @dataclass(frozen=True)
 class PredictRecord:
-    """One prediction as JSON (``data``) and as a line of text (``text``)."""
+    """One prediction as JSON (``data``), as a line of text (``text``), and what JSON does not hold
+    (``arrays``: segmentation's ``mask``)."""
 
     data: dict[str, Any]
     text: str
+    arrays: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,7 +217,7 @@ def list_tasks() -> list[str]:
 
 
 #: modules of this package that are not task specs; every other module is one and registers its task
-_NOT_SPECS = {"spec", "run", "common", "record", "check", "explain"}
+_NOT_SPECS = {"spec", "run", "common", "record", "check", "explain", "predictor"}
 
 
 def _load_builtin_tasks() -> None:
