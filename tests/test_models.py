@@ -287,3 +287,37 @@ def test_a_builders_own_default_class_count_holds(name: str, expected: int) -> N
     assert model.num_classes == expected
     rebuilt = cnnkit.create_model(name, **model.cnnkit_config["args"])  # the recorded config rebuilds it
     assert rebuilt.num_classes == expected
+
+
+@pytest.mark.parametrize(
+    ("timm_name", "name"),
+    [
+        ("mobilenetv3_large_100", "mobilenet_v3_large"),
+        ("mobilenetv3_small_100", "mobilenet_v3_small"),
+        ("mobilenetv2_100", "mobilenet_v2"),
+        ("efficientnet_b0", "efficientnet_b0"),
+        ("resnet50", "resnet50"),
+    ],
+)
+def test_timm_checkpoints_load_and_match(timm_name: str, name: str, tmp_path: Path) -> None:
+    """Seen: timm's mobilenetv3_large_100 failed (its head's first layer is a 1x1 conv, cnnkit's a Linear)
+    and, once loaded, differed by 2%: timm trains it with BatchNorm epsilon 1e-5, torchvision with 1e-3.
+    The epsilon travels with the saved weights."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name, pretrained=False).eval()
+    with torch.no_grad():  # statistics away from the initial 0/1, so a wrong epsilon would show
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.running_mean.normal_(0, 0.1)
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    model = cnnkit.create_model(name, weights=tmp_path / "timm.pth").eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = reference(x)
+        assert (model(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        cnnkit.save_weights(model, tmp_path / "cnnkit.safetensors")
+        again = cnnkit.create_model(None, weights=tmp_path / "cnnkit.safetensors").eval()
+        assert (again(x) - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -47,6 +47,7 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
+    conventions: list[str] = field(default_factory=list)  # the model set to the file's (BatchNorm eps)
     mapped: bool = False  # names translated by the family's key map (torchvision's -> cnnkit's)
     by_position: bool = False
 
@@ -60,6 +61,8 @@ class LoadReport:
             )
         if self.adapted:
             out.append(f"adapted to the model's input channels: {', '.join(self.adapted)}")
+        if self.conventions:
+            out.append(f"set to the file's conventions: {', '.join(self.conventions)}")
         if self.unused:
             out.append(f"unused tensors in the file: {', '.join(self.unused)}")
         if self.missing:
@@ -197,6 +200,8 @@ def load_weights(
             src, report.mapped = renamed, True
         elif not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
             src = _registration_order(src, getattr(model, "cnnkit_config", {}).get("name"), name)
+    if foreign and "conv_stem.weight" in src:  # timm's EfficientNet/MobileNet family naming
+        _use_bn_eps(model, TIMM_BN_EPS, report)
     head = tuple(getattr(model, "classifier_modules", ()))
     pairs = _pair_keys(target, src, report, name, head)
     new_sd: StateDict = {}
@@ -206,6 +211,8 @@ def load_weights(
         t, s = target[tkey], src[skey]
         if t.shape == s.shape:
             new_sd[tkey] = s.to(t.dtype)
+        elif s.numel() == t.numel() and _one_by_one(s, t):  # a 1x1 convolution is a linear layer
+            new_sd[tkey] = s.reshape(t.shape).to(t.dtype)
         elif any(tkey.startswith(h + ".") for h in head):
             report.skipped_head.append(f"{tkey} {list(s.shape)} -> {list(t.shape)}")
         elif tkey == first_conv and t.ndim == 4 and t.shape[0] == s.shape[0] and t.shape[2:] == s.shape[2:]:
@@ -225,6 +232,34 @@ def load_weights(
     for message in messages[1:]:
         log.info("%s: %s", name, message)
     return report
+
+
+TIMM_BN_EPS = 1e-5  # timm builds its EfficientNet/MobileNet family with PyTorch's default epsilon
+
+
+def _use_bn_eps(model: nn.Module, eps: float, report: LoadReport) -> None:
+    """Give every BatchNorm the epsilon the weights were trained with, when the model's builder records it
+    (``bn_eps``, so a saved copy rebuilds the same); a model that does not take it is left as it is."""
+    import inspect
+
+    config = getattr(model, "cnnkit_config", None)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or all(m.eps == eps for m in norms):
+        return
+    if "bn_eps" not in inspect.signature(type(model).__init__).parameters:
+        return
+    for m in norms:
+        m.eps = eps
+    if isinstance(config, dict):
+        config.setdefault("args", {})["bn_eps"] = eps
+    report.conventions.append(f"BatchNorm epsilon {eps:g} (timm's)")
+
+
+def _one_by_one(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``[O, I, 1, 1]`` and ``[O, I]``, either way round: the same map (timm's MobileNetV3 ``conv_head``
+    is torchvision's and cnnkit's first head ``Linear``)."""
+    conv, linear = (a, b) if a.ndim == 4 else (b, a)
+    return conv.ndim == 4 and linear.ndim == 2 and conv.shape[2:] == (1, 1) and conv.shape[:2] == linear.shape
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

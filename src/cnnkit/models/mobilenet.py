@@ -217,9 +217,11 @@ class MobileNetV3(ConvNet):
         width: float = 1.0,
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.0,
+        bn_eps: float = 0.001,
     ) -> None:
         super().__init__()
-        norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+        # torchvision's weights use TensorFlow's epsilon; timm's use PyTorch's (set when loading them)
+        norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=0.01)
         in_ch = make_divisible(16 * width)
         self.stem = ConvNormAct(in_chans, in_ch, 3, 2, norm=norm, act=nn.Hardswish)
         blocks = []
