@@ -107,3 +107,53 @@ def test_detection_segmentation_and_landmark_results(tmp_path: Path) -> None:
     weights = cnnkit.train("landmarks", kites, imgsz=64, project=tmp_path / "runs", **QUICK).best
     (r,) = cnnkit.load(weights)(torch.zeros(3, 48, 64, dtype=torch.uint8))
     assert r.points is not None and r.points.shape == (4, 2)
+
+
+@pytest.mark.parametrize("task", ["classify", "detect", "segment", "localize", "landmarks"])
+def test_an_exported_onnx_file_predicts_as_its_weights(task: str, tmp_path: Path) -> None:
+    """The export stores the weights' metadata in the graph (class names, input size, normalisation,
+    outputs), so ``cnnkit.load(model.onnx)`` predicts like the weights it came from (fp32 both)."""
+    pytest.importorskip("onnxruntime")
+    from cnnkit.export import export
+    from cnnkit.weights import read_metadata
+
+    writers = {
+        "classify": lambda root: builtin.write_classification(root, classes=(0, 1, 2), size_range=(28, 36)),
+        "detect": lambda root: builtin.write_detection(root, n_train=16, n_val=4, seed=0),
+        "segment": lambda root: write_scenes(root, n_train=6, n_val=2, size=(40, 56)),
+        "localize": lambda root: builtin.write_localization(root, n_train=12, n_val=4, seed=0),
+        "landmarks": lambda root: builtin.write_landmarks(root, n_train=8, n_val=4, seed=0),
+    }
+    extra = {"detect": {"backbone_args": {"width": 0.25}, "strides": (8, 16)}}.get(task, {})
+    data = writers[task](tmp_path / "data")
+    weights = cnnkit.train(task, data, imgsz=64, project=tmp_path / "runs", **extra, **QUICK).best
+    onnx_file = export(weights, "onnx", out=tmp_path / "model.onnx").path
+    meta = read_metadata(onnx_file)
+    assert meta["task"] == task and meta["class_names"] == read_metadata(weights)["class_names"]
+    images = sorted(p for p in data.rglob("*") if p.suffix in (".png", ".jpg"))[:3]
+    options = {"conf": 0.0001, "max_det": 10} if task == "detect" else {}
+    if task in ("classify", "segment", "localize", "landmarks"):  # val takes the exported graph too
+        fp32 = cnnkit.val(weights, workers=0, fast=False).metrics
+        assert cnnkit.val(onnx_file, workers=0).metrics == pytest.approx(fp32, abs=2e-3)
+    ours = cnnkit.load(weights, fast=False)(images, **options)
+    theirs = cnnkit.load(onnx_file)(images, **options)
+    for a, b in zip(ours, theirs, strict=True):
+        if task == "classify":
+            assert a.topk is not None and b.topk is not None
+            assert [c for c, _ in a.topk] == [c for c, _ in b.topk]
+            assert a.topk[0][1] == pytest.approx(b.topk[0][1], abs=1e-3)
+        elif task == "detect":
+            assert (
+                a.boxes is not None and b.boxes is not None and a.scores is not None and b.scores is not None
+            )
+            torch.testing.assert_close(b.scores, a.scores, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(b.boxes, a.boxes, atol=0.05, rtol=1e-3)
+        elif task == "segment":
+            assert a.mask is not None and b.mask is not None and (a.mask == b.mask).mean() > 0.99
+        elif task == "localize":
+            assert a.data["class"] == b.data["class"] and a.data["box"] == pytest.approx(
+                b.data["box"], abs=0.05
+            )
+        else:
+            assert a.points is not None and b.points is not None
+            torch.testing.assert_close(b.points, a.points, atol=0.05, rtol=1e-3)

@@ -68,9 +68,9 @@ def val(
     return run.val(weights, data, options=given, **options)
 
 
-def load(weights: str | os.PathLike[str], device: str = "auto") -> Predictor:
-    """A predictor for trained ``weights`` of any task: call it on images (see
-    :class:`cnnkit.workflows.predictor.Predictor`)."""
+def load(weights: str | os.PathLike[str], device: str = "auto", fast: bool = True) -> Predictor:
+    """A predictor for trained ``weights`` of any task (``.safetensors``, or an exported ``.onnx``): call it
+    on images (see :class:`cnnkit.workflows.predictor.Predictor`)."""
     from cnnkit.workflows.predictor import Predictor
 
-    return Predictor(weights, device)
+    return Predictor(weights, device, fast)

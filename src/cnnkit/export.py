@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import time
@@ -29,7 +30,8 @@ from torchvision.ops import boxes as tv_boxes
 from cnnkit.api import create_model
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm
-from cnnkit.weights import max_side, read_metadata
+from cnnkit.io import atomic_path
+from cnnkit.weights import max_side, raw_metadata, read_metadata
 
 log = logging.getLogger("cnnkit")
 ExportFormat = Literal["onnx", "torchscript"]
@@ -188,6 +190,7 @@ def export(
     names = ("detections",) if nms else ("boxes", "scores") if task == "detect" else ("output",)
     if format == "onnx":
         ours = _export_onnx(net, example, check, path, names, dynamic_batch, nms, opset)
+        _store_metadata(path, {**raw_metadata(weights), "cnnkit.onnx_outputs": json.dumps(list(names))})
     elif format == "torchscript":
         if nms:
             raise CnnkitError("--nms needs --format onnx (TorchScript tracing would freeze the NMS loop)")
@@ -249,6 +252,17 @@ def _export_onnx(
             program.save(str(path), external_data=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [torch.from_numpy(o).float() for o in session.run(None, {"images": check.numpy()})]
+
+
+def _store_metadata(path: Path, properties: dict[str, str]) -> None:
+    """The weights' cnnkit metadata (task, class names, input size, normalisation, model arguments) as
+    the graph's metadata properties, so ``cnnkit.load(model.onnx)`` and other runtimes know how to feed
+    it and name its outputs."""
+    onnx, _ = require_onnx()
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, properties)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _export_torchscript(

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from cnnkit.engine.device import amp_dtype, autocast
+from cnnkit.errors import CnnkitError
 from cnnkit.layers.frozen_bn import FrozenBatchNorm2d
 
 
@@ -70,9 +73,46 @@ class FastModel:
             return self.model(x)
 
 
+class OnnxModel(nn.Module):
+    """An exported ONNX graph run by ONNX Runtime, used where a cnnkit model is (predict, val): the input
+    goes to the session as fp32 and its outputs come back as CPU tensors (one, or a tuple). ``meta``:
+    the cnnkit metadata the export stored in the graph."""
+
+    def __init__(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CnnkitError(
+                f"{path}: running ONNX models needs onnxruntime: pip install 'cnnkit[export]'"
+            ) from None
+        self.path, self.meta = str(path), meta
+        self.session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        args = meta.get("args") or {}
+        self.outputs = list(meta.get("onnx_outputs") or [])
+        if meta.get("task") == "detect":  # what the detection task needs from a detector
+            self.register_buffer(
+                "anchors", torch.tensor(args["anchors"], dtype=torch.float32), persistent=False
+            )
+            self.strides = tuple(int(s) for s in args["strides"])
+        self.num_classes = len(meta.get("class_names") or []) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feed = {self.input_name: x.detach().float().contiguous().cpu().numpy()}
+        outputs = tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnnxModel:  # a session is not copied; it is stateless
+        return self
+
+
 def prepare(model: nn.Module, device: torch.device, fast: bool = True, *, reduced: bool = True) -> FastModel:
     """``model`` on ``device`` in eval mode; with ``fast``, BatchNorm folded and channels-last, plus
-    reduced-precision autocast where the device has it (unless ``reduced=False``: fp32)."""
+    reduced-precision autocast where the device has it (unless ``reduced=False``: fp32). An ONNX model
+    runs as exported, on ONNX Runtime's CPU provider."""
+    if isinstance(model, OnnxModel):
+        return FastModel(model.eval(), torch.device("cpu"), None, False)
     if not fast:
         return FastModel(model.eval().to(device), device, None, False)
     folded_model, n = fold_batchnorm(model)

@@ -71,17 +71,15 @@ class LoadReport:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The cnnkit metadata of a ``.safetensors`` weights file (JSON values decoded); ``{}`` if none."""
+    """The cnnkit metadata of a ``.safetensors`` weights file, or of an ``.onnx`` file cnnkit exported
+    (the same keys, in the graph's metadata properties); JSON values decoded; ``{}`` if none."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix == ".onnx":
+        raw = _onnx_properties(path)
+    elif path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        raw = raw_metadata(path)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("cnnkit."):
@@ -92,6 +90,29 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(out.get("args", {}), dict):
         raise WeightsError(f"{path}: metadata 'cnnkit.args' must be a JSON object, got {out['args']!r}")
     return out
+
+
+def raw_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata as stored (strings)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _onnx_properties(path: Path) -> dict[str, str]:
+    try:
+        import onnx
+    except ImportError:
+        raise WeightsError(f"{path}: reading ONNX files needs onnx: pip install 'cnnkit[export]'") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for files that are not ONNX
+        raise WeightsError(f"{path}: not a readable ONNX file ({exc})") from exc
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def max_side(imgsz: Any) -> int | None:

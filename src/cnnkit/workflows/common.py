@@ -22,7 +22,7 @@ from cnnkit.engine.device import select_device
 from cnnkit.engine.loops import evaluate, load_training_state, make_loader
 from cnnkit.engine.pictures import draw_predictions
 from cnnkit.errors import CnnkitError
-from cnnkit.inference import prepare
+from cnnkit.inference import OnnxModel, prepare
 from cnnkit.io import atomic_path
 from cnnkit.tasks.base import Task
 from cnnkit.weights import read_metadata
@@ -41,6 +41,8 @@ def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Modu
     found = meta.get("task")
     if found != task and not (found is None and task == "classify"):  # plain saved classifiers have no task
         raise CnnkitError(f"{weights} holds a {found or 'plain'} model, not a {task} model")
+    if Path(weights).suffix == ".onnx":
+        return OnnxModel(weights, meta).eval(), meta
     return create_model(None, weights=weights).eval(), meta
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
-from cnnkit.inference import prepare
+from cnnkit.inference import OnnxModel, prepare
 from cnnkit.models.yolo import Neck
+from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
@@ -261,8 +263,11 @@ def predict(
     written there with its boxes, classes and scores drawn."""
     model, meta = load_task_model(weights, "detect")
     names = list(meta["class_names"])
-    task = detection_task(model, names)
     prepared = prepare(model, select_device(device), fast)
+    if isinstance(model, OnnxModel):  # an exported graph: decoded boxes and scores, or NMS'd rows
+        detect = partial(_onnx_detections, model.outputs, conf, iou, max_det, agnostic)
+    else:
+        detect = partial(_detections, detection_task(model, names), conf, iou, max_det, agnostic)
     imgsz = int(meta["imgsz"])
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["std"]).view(3, 1, 1)
@@ -271,10 +276,7 @@ def predict(
     for frame in iter_frames(sources):
         image = frame.image
         boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
-        outputs = prepared(((boxed.float() / 255 - mean) / std)[None])
-        det = task.postprocess(
-            [o.float() for o in outputs], conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
-        )[0]
+        det = detect(prepared(((boxed.float() / 255 - mean) / std)[None]))
         boxes = unletterbox(det.boxes.cpu(), info)
         classes = det.labels.cpu().tolist()
         pred = DetPrediction(
@@ -289,6 +291,31 @@ def predict(
             draw_detections(image, pred, drawn)
             pred = DetPrediction(pred.path, pred.boxes, pred.scores, pred.labels, pred.classes, str(drawn))
         yield pred
+
+
+def _detections(
+    task: DetectionTask, conf: float, iou: float, max_det: int, agnostic: bool, outputs: Any
+) -> Detections:
+    return task.postprocess(
+        [o.float() for o in outputs], conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
+    )[0]
+
+
+def _onnx_detections(
+    names: Sequence[str], conf: float, iou: float, max_det: int, agnostic: bool, outputs: Any
+) -> Detections:
+    """One image's detections from an exported graph's outputs: ``boxes, scores`` (thresholds and NMS
+    applied here), or the ``detections`` rows of a graph exported ``--nms`` (its own thresholds; the
+    ``conf`` and ``max_det`` given here filter further)."""
+    if list(names) == ["detections"]:
+        rows = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        rows = rows[(rows[:, 0] == 0) & (rows[:, 5] >= conf)]
+        rows = rows[rows[:, 5].argsort(descending=True)][:max_det]
+        return Detections(rows[:, 1:5].float(), rows[:, 5].float(), rows[:, 6].long())
+    boxes, scores = outputs
+    return multiclass_nms(
+        boxes.float(), scores.float(), conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
+    )[0]
 
 
 def draw_detections(image: torch.Tensor, pred: DetPrediction, path: Path) -> None:

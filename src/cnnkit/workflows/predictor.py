@@ -133,12 +133,14 @@ class Result:
 
 
 class Predictor:
-    """Trained weights of any task, ready to predict (see the module's example). Keyword arguments of a
-    call are the task's predict options (``conf=``, ``iou=``, ``topk=``...)."""
+    """Trained weights of any task (cnnkit ``.safetensors``, or the ``.onnx`` file ``cnnkit export`` wrote,
+    run by ONNX Runtime), ready to predict (see the module's example). Keyword arguments of a call are the
+    task's predict options (``conf=``, ``iou=``, ``topk=``...). ``fast``: the fast inference path
+    (folded BatchNorm, reduced-precision autocast where the device has it); False: plain fp32."""
 
-    def __init__(self, weights: str | os.PathLike[str], device: str = "auto") -> None:
+    def __init__(self, weights: str | os.PathLike[str], device: str = "auto", fast: bool = True) -> None:
         meta = read_metadata(weights)
-        self.weights, self.device = str(weights), device
+        self.weights, self.device, self.fast = str(weights), device, fast
         self.task: str = meta.get("task") or "classify"
         self.spec = get_task(self.task)
         self.names: list[str] = list(meta.get("class_names") or [])
@@ -155,7 +157,7 @@ class Predictor:
         from cnnkit.workflows import run
 
         results = []
-        for record in run.predict(self.weights, frames, options=chosen, device=self.device):
+        for record in run.predict(self.weights, frames, options=chosen, device=self.device, fast=self.fast):
             name = record.data["path"]
             results.append(Result(self.task, name, images[name], record.data, self.names, record.arrays))
         return results

@@ -168,6 +168,11 @@ def val(
     instance (thresholds), None for its defaults. With ``out``, a new folder ``out/TASK/name`` (``name2``...
     when it exists) gets ``metrics.json``, ``per_class.csv``, the task's plots and ``val_pred.jpg``."""
     spec = _spec_of(weights, task)
+    if spec.name == "detect" and str(weights).endswith(".onnx"):
+        raise CnnkitError(
+            f"{weights}: an exported detector holds decoded boxes; evaluate its .safetensors weights "
+            "(predict works on the .onnx file)"
+        )
     model, meta = load_task_model(weights, spec.name)
     recorded = options_from_record(spec, meta, str(weights))
     if data is None and not recorded.data:
