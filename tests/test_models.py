@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import cnnkit
+from cnnkit.hub import TIMM_TAGS
 from cnnkit.models.efficientnet import compound_scaling
 
 # REFERENCE.md, 1000 classes, with top (trainable parameters where Keras and torchvision differ).
@@ -291,16 +292,11 @@ def test_a_builders_own_default_class_count_holds(name: str, expected: int) -> N
 
 @pytest.mark.parametrize(
     ("timm_name", "name"),
-    [
-        ("mobilenetv3_large_100", "mobilenet_v3_large"),
-        ("mobilenetv3_small_100", "mobilenet_v3_small"),
-        ("mobilenetv2_100", "mobilenet_v2"),
-        ("efficientnet_b0", "efficientnet_b0"),
-        ("resnet50", "resnet50"),
-    ],
+    sorted({(tag.partition(".")[0], model) for tag, model in TIMM_TAGS.items()} | {("resnet50", "resnet50")}),
 )
 def test_timm_checkpoints_load_and_match(timm_name: str, name: str, tmp_path: Path) -> None:
-    """Seen: timm's mobilenetv3_large_100 failed (its head's first layer is a 1x1 conv, cnnkit's a Linear)
+    """Every timm architecture ``cnnkit.hub`` fetches weights for is the cnnkit model's. Seen: timm's
+    mobilenetv3_large_100 failed (its head's first layer is a 1x1 conv, cnnkit's a Linear)
     and, once loaded, differed by 2%: timm trains it with BatchNorm epsilon 1e-5, torchvision with 1e-3.
     The epsilon travels with the saved weights."""
     import timm

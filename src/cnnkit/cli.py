@@ -29,8 +29,9 @@ def _imgsz(text: str) -> int | tuple[int, int]:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnkit import list_models
+    from cnnkit.hub import list_pretrained
 
-    for name in list_models(args.pattern):
+    for name in list_pretrained(args.pattern or "*") if args.pretrained else list_models(args.pattern):
         print(name)
     return 0
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", help="glob, e.g. 'efficientnet*'")
+    p.add_argument("--pretrained", action="store_true", help="list the pretrained weights' tags instead")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="per-layer shapes, receptive fields, parameters and MACs")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
-from cnnkit.hub import TRANSFORM_INPUT_MODELS, download_torchvision_weights
+from cnnkit.hub import Pretrained, fetch, find_pretrained
 from cnnkit.weights import load_weights, read_metadata, tensor_count
 
 ModelBuilder = Callable[..., nn.Module]
@@ -66,12 +66,10 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     return get_builder(name)(**kwargs)
 
 
-PRETRAINED_SOURCES = ("torchvision",)
-
-
 def create_model(
     name: str | None = None,
     *,
+    pretrained: bool | str = False,
     num_classes: int | None = None,
     in_chans: int | None = None,
     weights: str | os.PathLike[str] | None = None,
@@ -82,13 +80,16 @@ def create_model(
     """Build a registered model, optionally loading weights.
 
     Args:
-        name: a registered name (``list_models()``); may be ``None`` when ``weights`` is a cnnkit file,
-            whose metadata names the model and its build arguments.
+        name: a registered name (``list_models()``), or a pretrained tag (``"resnet50.tv2_in1k"``,
+            ``list_pretrained()``); may be ``None`` when ``weights`` is a cnnkit file, whose metadata
+            names the model and its build arguments.
+        pretrained: ``True``: the model's default pretrained weights (torchvision's where it has them,
+            else timm's); a tag: those (see :mod:`cnnkit.hub`: cached, checksummed, offline mode).
         num_classes: classifier outputs (default: the weights file's, else the builder's own default,
             1000 for the ImageNet classifiers); 0 keeps pooled features.
         in_chans: input channels (default 3); pretrained first convolutions are adapted.
         weights: a path to a cnnkit ``.safetensors`` file or a torchvision/timm state dict of the same
-            architecture, or ``"torchvision"`` to download torchvision's ImageNet weights. A classifier
+            architecture, a pretrained tag, or ``"torchvision"`` (torchvision's default). A classifier
             with another class count is left out and trained anew (transfer learning).
         features_only: return a :class:`FeatureExtractor` yielding each stage's feature map (no head).
         out_indices: the stages a features-only model returns (default all).
@@ -99,7 +100,10 @@ def create_model(
     """
     meta: dict[str, Any] = {}
     path: Path | None = None
-    if weights is not None and str(weights) not in PRETRAINED_SOURCES:
+    entry = _pretrained_entry(name, pretrained, weights)
+    if entry is not None:
+        name = entry.model
+    elif weights is not None:
         path = Path(weights)
         meta = read_metadata(path)
     if name is None:
@@ -112,10 +116,10 @@ def create_model(
         args["num_classes"] = num_classes
     if in_chans is not None:
         args["in_chans"] = in_chans
-    if weights is not None and str(weights) == "torchvision":
-        path = download_torchvision_weights(name)
-        if name in TRANSFORM_INPUT_MODELS:
-            args.setdefault("transform_input", True)
+    if entry is not None:
+        path = fetch(entry)
+        for key, value in entry.args.items():
+            args.setdefault(key, value)
     builder = get_builder(name)
     from cnnkit.models.base import ConvNet, FeatureExtractor
 
@@ -129,12 +133,46 @@ def create_model(
         raise CnnkitError(f"{name}: {exc}; see help(cnnkit.models) for the builder's arguments") from None
     model.cnnkit_config = {"name": name, "args": _jsonable(args)}  # type: ignore[assignment]
     if path is not None:
-        load_weights(model, path)
+        load_weights(model, path, reference=None if entry is None else entry.reference)
+    if entry is not None:  # what the weights expect, as timm's pretrained_cfg
+        model.pretrained_cfg = {  # type: ignore[assignment]
+            "tag": entry.tag, "imgsz": entry.imgsz, "mean": list(entry.mean), "std": list(entry.std)
+        }  # fmt: skip
     if features_only:
         if not isinstance(model, ConvNet):
             raise CnnkitError(f"{name} has no stages to extract features from")
         return FeatureExtractor(model, out_indices)
     return model
+
+
+def _pretrained_entry(
+    name: str | None, pretrained: bool | str, weights: str | os.PathLike[str] | None
+) -> Pretrained | None:
+    """The pretrained weights asked for: ``pretrained=True|TAG``, a tag as ``name``, or ``weights`` that is
+    a tag or ``"torchvision"`` rather than a file."""
+    if pretrained:
+        if weights is not None:
+            raise CnnkitError("pass pretrained= or weights=, not both")
+        if pretrained is True and name is None:
+            raise CnnkitError("pretrained=True needs a model name")
+        entry = find_pretrained(name if pretrained is True else str(pretrained))  # type: ignore[arg-type]
+    elif name is not None and "." in name and name not in list_models():
+        entry = find_pretrained(name)
+    elif weights is not None and not Path(weights).exists() and _is_tag(str(weights)):
+        entry = find_pretrained(str(name) if str(weights) == "torchvision" else str(weights))
+    else:
+        return None
+    if name is not None and name not in (entry.model, entry.tag):
+        raise CnnkitError(f"{entry.tag} holds {entry.model} weights, not {name}'s")
+    return entry
+
+
+def _is_tag(text: str) -> bool:
+    """``"torchvision"`` or ``model.pretrain`` (no folder, no weights-file suffix)."""
+    if text == "torchvision":
+        return True
+    file_like = Path(text).suffix in (".pt", ".pth", ".safetensors", ".bin", ".onnx")
+    return "." in text and "/" not in text and os.sep not in text and not file_like
 
 
 def _check_size(name: str, builder: Any, args: dict[str, Any], path: Path) -> None:

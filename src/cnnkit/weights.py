@@ -201,9 +201,17 @@ def save_weights(
 
 
 def load_weights(
-    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, torch.Tensor], *, strict: bool = True
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    reference: str | None = None,
 ) -> LoadReport:
     """Load a cnnkit, torchvision or timm state dict of the same architecture into ``model``.
+
+    ``reference``: the torchvision/timm model name the file was saved from, when it is not the cnnkit
+    model's (timm's ``mobilenetv3_large_100``): a ``.safetensors`` file of foreign names gets its
+    tensors' order from it.
 
     A classifier with another class count is left out and stays freshly initialised; a first
     convolution with another number of input channels is adapted (summed for 1 channel, repeated and
@@ -220,7 +228,7 @@ def load_weights(
         if renamed is not None:
             src, report.mapped = renamed, True
         elif not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
-            src = _registration_order(src, getattr(model, "cnnkit_config", {}).get("name"), name)
+            src = _registration_order(src, reference or getattr(model, "cnnkit_config", {}).get("name"), name)
     if foreign and "conv_stem.weight" in src:  # timm's EfficientNet/MobileNet family naming
         _use_bn_eps(model, TIMM_BN_EPS, report)
     head = tuple(getattr(model, "classifier_modules", ()))
@@ -377,10 +385,13 @@ def _registration_order(src: StateDict, model_name: str | None, name: str) -> St
     for order in _reference_orders(model_name):
         if set(order) == set(src):
             return {k: src[k] for k in order}
+    import importlib.util
+
+    timm = "" if importlib.util.find_spec("timm") else " (timm not installed: pip install 'cnnkit[timm]')"
     raise WeightsError(
-        f"{name}: its tensor names are not cnnkit's, and no torchvision/timm model named {model_name!r} has "
-        "exactly these names to recover their order from. Save the state dict with torch.save (.pth), which "
-        "keeps the order, or rename the keys to cnnkit's."
+        f"{name}: its tensor names are not cnnkit's, and no torchvision/timm model {model_name!r}{timm} "
+        "has exactly these names to recover their order from. Save the state dict with torch.save (.pth), "
+        "which keeps the order, or rename the keys to cnnkit's."
     )
 
 

@@ -61,7 +61,9 @@ class ClassifyOptions:
     val_fraction: float = option(0.2, "seeded validation split when the data has none")
     model: str = option("resnet18", "a registered model name (cnnkit models)")
     model_args: dict[str, Any] | None = option(None, "JSON of builder arguments, e.g. '{\"width\": 0.5}'")
-    pretrained: str | None = option(None, "cnnkit/torchvision/timm weights, or 'torchvision' to download")
+    pretrained: str | None = option(
+        None, "a cnnkit/torchvision/timm weights file, or a tag to download (cnnkit models --pretrained)"
+    )
     freeze: bool = option(False, "freeze the base (BatchNorm in inference mode)")
     unfreeze_last: int = option(0, "base blocks (from the end) to train too")
     trainable: tuple[str, ...] = option((), "base layers to train by name (e.g. stages.3)")

@@ -36,6 +36,7 @@ from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.viz import box_colour
 from cnnkit.workflows.common import load_task_model
+from cnnkit.workflows.localize import PRETRAINED_BACKBONE
 from cnnkit.workflows.spec import (
     Labelled,
     PredictRecord,
@@ -71,9 +72,7 @@ class DetectOptions:
     backbone_args: dict[str, Any] | None = option(
         None, "JSON of backbone arguments, e.g. '{\"width\": 0.25}'"
     )
-    pretrained: str | None = option(
-        None, "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
-    )
+    pretrained: str | None = option(None, PRETRAINED_BACKBONE)
     strides: tuple[int, ...] = option((8, 16, 32), "backbone strides to detect at")
     anchors: tuple[tuple[tuple[float, float], ...], ...] | None = option(
         None,

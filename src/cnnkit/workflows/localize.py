@@ -32,7 +32,7 @@ from cnnkit.workflows.spec import Labelled, PredictRecord, TaskData, TaskSpec, o
 log = logging.getLogger("cnnkit")
 VAL_FRACTION = "seeded validation split when the data has none"
 STRICT = "stop at the first bad sample (annotation row or image) instead of skipping it"
-PRETRAINED_BACKBONE = "backbone weights (cnnkit/torchvision/timm; a classifier's head is dropped)"
+PRETRAINED_BACKBONE = "backbone weights: a weights file or a tag (cnnkit models --pretrained); head dropped"
 BACKBONE = "a zoo classifier as the backbone (cnnkit models)"
 BACKBONE_ARGS = "JSON of backbone arguments, e.g. '{\"width\": 0.25}'"
 
