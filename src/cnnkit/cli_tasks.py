@@ -134,6 +134,8 @@ def cmd_val(args: argparse.Namespace) -> int:
         options=_options(args, spec.ValOptions),
         out=args.out,
         name=args.name,
+        tta=args.tta,
+        ensemble=args.ensemble,
     )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -184,6 +186,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         fast=args.fast,
         options=_options(args, spec.PredictOptions),
+        tta=args.tta,
+        ensemble=args.ensemble,
     ):
         if args.json:
             records.append(record)
@@ -195,7 +199,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="trained cnnkit weights (.safetensors)")
+    p.add_argument(
+        "--weights", required=True, help="trained cnnkit weights (.safetensors, or an exported .onnx)"
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: average each image with its mirror"
+    )
+    p.add_argument(
+        "--ensemble", nargs="+", default=[], metavar="W", help="more weights to average with --weights"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cnnkit.errors import CnnkitError
 from cnnkit.viz import Shown
 
 Batch = Any
@@ -77,6 +78,51 @@ class ImageTask:
         back-propagated one)."""
         loss, logs = self.loss(outputs, batch)  # type: ignore[attr-defined]
         return float(logs.get("loss", loss))
+
+
+class Combines(Protocol):
+    """A task whose outputs can be averaged (ensembles, test-time augmentation) and, for the flip of
+    test-time augmentation, mapped back from a mirrored input."""
+
+    def average(self, outputs: Sequence[Any]) -> Any:
+        """One output from several of the same shape: probabilities averaged (returned as logits),
+        boxes and points averaged."""
+        ...
+
+    def unflip(self, outputs: Any) -> Any:
+        """The outputs for a horizontally mirrored input, mapped back to the original's frame."""
+        ...
+
+
+def mean_logits(logits: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """The log of the averaged softmax along ``dim`` (a single channel: the logit of the averaged
+    sigmoid): logits of the mean prediction, as argmax, softmax and cross-entropy expect."""
+    stacked = torch.stack([t.float() for t in logits])
+    if stacked.shape[dim + 1] == 1:
+        return torch.logit(stacked.sigmoid().mean(0), eps=1e-7)
+    return stacked.softmax(dim + 1).mean(0).clamp(min=1e-12).log()
+
+
+class Combined(nn.Module):
+    """Several models of one task as one (an ensemble), each also run on the mirrored input with ``flip``
+    (test-time augmentation), their outputs brought back to the input's frame and averaged by the task
+    (:class:`Combines`)."""
+
+    def __init__(self, models: Sequence[nn.Module], task: Any, flip: bool = False) -> None:
+        super().__init__()
+        missing = [n for n in ["average"] + ["unflip"] * flip if not hasattr(task, n)]
+        if missing:
+            what = "ensembles" if missing == ["average"] else "test-time augmentation"
+            raise CnnkitError(f"{getattr(task, 'name', 'this task')} does not support {what}")
+        self.members = nn.ModuleList(models)
+        self.task, self.flip = task, flip
+
+    def forward(self, x: torch.Tensor) -> Any:
+        outputs = [m(x) for m in self.members]
+        if self.flip:
+            mirrored = x.flip(-1)
+            outputs += [self.task.unflip(m(mirrored)) for m in self.members]
+        return self.task.average(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def to_uint8(

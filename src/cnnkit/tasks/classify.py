@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, mean_logits, to_uint8
 from cnnkit.viz import Shown, plot_confusion
 
 
@@ -62,6 +62,12 @@ class ClassificationTask(ImageTask):
 
     def val_loss(self, outputs: Any, batch: Any) -> None:
         return None  # the evaluator sums the cross-entropy itself (over every process of a run)
+
+    def average(self, outputs: Sequence[Any]) -> torch.Tensor:
+        return mean_logits([o[0] if isinstance(o, tuple) else o for o in outputs])
+
+    def unflip(self, outputs: Any) -> Any:
+        return outputs  # a class does not move
 
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         images, labels = to_uint8(batch[0]), batch[1].tolist()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.errors import CnnkitError
 from cnnkit.ops.boxes import box_iou, clip, complete_iou
 from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import decode_outputs, shape_iou
@@ -170,6 +171,31 @@ class DetectionTask(ImageTask):
 
     def postprocess(self, outputs: Sequence[torch.Tensor], **kwargs: Any) -> list[Detections]:
         return postprocess(outputs, self.anchors, self.strides, **kwargs)
+
+    def average(self, outputs: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Raw grids of detectors with these anchors and strides, averaged cell by cell: box offsets as
+        they are, objectness and classes as probabilities (returned as logits)."""
+        shapes = {tuple(tuple(o.shape) for o in out) for out in outputs}
+        if len(shapes) > 1:
+            raise CnnkitError(
+                "detectors combined must share their grids (strides, anchors per scale, classes)"
+            )
+        merged = []
+        for level in zip(*outputs):
+            stacked = torch.stack([o.float() for o in level])
+            scores = torch.logit(stacked[..., 4:].sigmoid().mean(0), eps=1e-7)
+            merged.append(torch.cat([stacked[..., :4].mean(0), scores], -1))
+        return merged
+
+    def unflip(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A mirrored input's grids in the original frame: columns reversed and the centre offset
+        mirrored inside its cell (``sigmoid(t_x) -> 1 - sigmoid(t_x)``, i.e. ``t_x -> -t_x``)."""
+        back = []
+        for out in outputs:
+            out = out.flip(2).clone()
+            out[..., 0] = -out[..., 0]
+            back.append(out)
+        return back
 
     def show(self, batch: Any, outputs: Any = None, conf: float = 0.25, iou: float = 0.45) -> list[Shown]:
         """The letterboxed inputs with their boxes, or with the detections above ``conf``."""

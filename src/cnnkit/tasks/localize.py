@@ -12,13 +12,14 @@ which amplifies small and medium errors).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from cnnkit.ops.boxes import BoxFormat, convert, elementwise_iou
-from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, mean_logits, to_uint8
 from cnnkit.viz import Shown
 
 LandmarkLoss = Literal["l1", "smooth_l1", "wing"]
@@ -57,6 +58,18 @@ class LocalizationTask(ImageTask):
 
     def evaluator(self) -> LocalizationEvaluator:
         return LocalizationEvaluator(self.num_classes)
+
+    def average(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Objectness and classes as probabilities (returned as logits), the box (fractions) averaged."""
+        stacked = torch.stack([o.float() for o in outputs])
+        obj = torch.logit(stacked[..., :1].sigmoid().mean(0), eps=1e-7)
+        classes = mean_logits(list(stacked[..., 5:])) if stacked.shape[-1] > 5 else stacked[0, :, 5:]
+        return torch.cat([obj, stacked[..., 1:5].mean(0), classes], -1)
+
+    def unflip(self, outputs: torch.Tensor) -> torch.Tensor:
+        back = outputs.clone()
+        back[:, 1] = 1 - back[:, 1]  # b_x, a fraction of the width
+        return back
 
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each input with its box and class (none drawn without an object), or the predicted ones
@@ -164,6 +177,9 @@ class LandmarkTask(ImageTask):
 
     def evaluator(self) -> LandmarkEvaluator:
         return LandmarkEvaluator(self.norm_points, self.pck_threshold)
+
+    def average(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([o.float() for o in outputs]).mean(0)
 
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each input with its visible points, or with every predicted point."""

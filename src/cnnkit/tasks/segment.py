@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.data.segment import fit_within
-from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, mean_logits, to_uint8
 from cnnkit.viz import Shown, plot_confusion
 
 SegLoss = Literal["ce", "dice", "focal", "ce+dice"]
@@ -114,6 +114,12 @@ class SegmentationTask(ImageTask):
 
     def evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(max(self.num_classes, 2), self.ignore_index, rect=self.rect)
+
+    def average(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return mean_logits(outputs)
+
+    def unflip(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.flip(-1)
 
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each image with its mask or the predicted one; masks kept at full resolution (evaluation of

@@ -321,6 +321,8 @@ def predict(
     batch: int = 32,
     device: str = "auto",
     fast: bool = True,
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
     out: str | os.PathLike[str] | None = None,
 ) -> Iterable[Prediction]:
     """Classify images (files, folders or globs, and video frames), yielding predictions as batches
@@ -329,7 +331,7 @@ def predict(
 
     Unreadable images are reported in the log and skipped.
     """
-    model, meta = load_task_model(weights, "classify")
+    model, meta = load_task_model(weights, "classify", tta=tta, ensemble=ensemble)
     prepared = prepare(model, select_device(device), fast)
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))

@@ -24,14 +24,24 @@ from cnnkit.engine.pictures import draw_predictions
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import OnnxModel, prepare
 from cnnkit.io import atomic_path
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import Combined, Task
 from cnnkit.weights import read_metadata
 
 log = logging.getLogger("cnnkit")
 
 
-def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Module, dict[str, Any]]:
-    """A trained model in eval mode and its metadata; refuses weights of another task."""
+def load_task_model(
+    weights: str | os.PathLike[str],
+    task: str,
+    *,
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model in eval mode and its metadata; refuses weights of another task. ``ensemble``:
+    more weights of the same task and classes, averaged with it; ``tta``: each also run on the mirrored
+    image (for weights trained with flips; see :class:`~cnnkit.tasks.base.Combined`)."""
+    if tta or ensemble:
+        return _combined(weights, task, tta, ensemble)
     meta = read_metadata(weights)
     if "model" not in meta:
         raise CnnkitError(
@@ -44,6 +54,46 @@ def load_task_model(weights: str | os.PathLike[str], task: str) -> tuple[nn.Modu
     if Path(weights).suffix == ".onnx":
         return OnnxModel(weights, meta).eval(), meta
     return create_model(None, weights=weights).eval(), meta
+
+
+def _combined(
+    weights: str | os.PathLike[str], task: str, tta: bool, ensemble: Sequence[str | os.PathLike[str]]
+) -> tuple[nn.Module, dict[str, Any]]:
+    from cnnkit.tasks.classify import ClassificationTask
+    from cnnkit.tasks.detect import DetectionTask
+    from cnnkit.tasks.localize import LandmarkTask, LocalizationTask
+    from cnnkit.tasks.segment import SegmentationTask
+
+    model, meta = load_task_model(weights, task)
+    members = [model]
+    for other in ensemble:
+        member, theirs = load_task_model(other, task)
+        for key in ("class_names", "imgsz", "mean", "std"):
+            if theirs.get(key) != meta.get(key):
+                raise CnnkitError(f"--ensemble {other}: its {key} differs from {weights}'s")
+        if task == "detect" and not torch.equal(member.anchors, model.anchors):  # type: ignore[arg-type]
+            raise CnnkitError(
+                f"--ensemble {other}: its anchors differ from {weights}'s (use the same --anchors)"
+            )
+        members.append(member)
+    classes = len(meta.get("class_names") or []) or 1
+    combiner: Any = {
+        "classify": lambda: ClassificationTask(classes),
+        "segment": lambda: SegmentationTask(classes),
+        "detect": lambda: DetectionTask(classes, model.anchors, model.strides),  # type: ignore[arg-type]
+        "localize": lambda: LocalizationTask(classes),
+        "landmarks": lambda: LandmarkTask(int(meta.get("num_points") or 1)),
+    }[task]()
+    combined = Combined(members, combiner, flip=tta).eval()
+    if tta and not float((meta.get("options") or {}).get("fliplr") or 0):
+        raise CnnkitError(
+            f"--tta averages each image with its mirror, but {weights} was trained without flips "
+            "(fliplr 0: a mirrored image need not be the same class here, as for digits)"
+        )
+    for name in ("anchors", "strides", "num_classes", "in_chans"):  # what callers read off a model
+        if hasattr(model, name) and not hasattr(combined, name):
+            setattr(combined, name, getattr(model, name))
+    return combined, meta
 
 
 def names_of(weights: str | os.PathLike[str]) -> list[str] | None:

@@ -257,10 +257,12 @@ def predict(
     agnostic: bool = False,
     device: str = "auto",
     fast: bool = True,
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[DetPrediction]:
     """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
     written there with its boxes, classes and scores drawn."""
-    model, meta = load_task_model(weights, "detect")
+    model, meta = load_task_model(weights, "detect", tta=tta, ensemble=ensemble)
     names = list(meta["class_names"])
     prepared = prepare(model, select_device(device), fast)
     if isinstance(model, OnnxModel):  # an exported graph: decoded boxes and scores, or NMS'd rows

@@ -250,9 +250,11 @@ def predict(
     threshold: float = 0.5,
     device: str = "auto",
     fast: bool = True,
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[LocPrediction]:
     """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""
-    model, meta = load_task_model(weights, task)
+    model, meta = load_task_model(weights, task, tta=tta, ensemble=ensemble)
     prepared = prepare(model, select_device(device), fast)
     imgsz = int(meta["imgsz"])
     out_dir = Path(out) if out is not None else None

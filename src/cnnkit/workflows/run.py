@@ -162,18 +162,21 @@ def val(
     fast: bool = True,
     out: str | os.PathLike[str] | None = None,
     name: str = "exp",
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> ValReport:
     """Evaluate trained ``weights`` on ``data`` (default: the validation split the training used, by the
     same seed); ``task``: refuse weights of another task. ``options`` is the spec's ``ValOptions``
     instance (thresholds), None for its defaults. With ``out``, a new folder ``out/TASK/name`` (``name2``...
-    when it exists) gets ``metrics.json``, ``per_class.csv``, the task's plots and ``val_pred.jpg``."""
+    when it exists) gets ``metrics.json``, ``per_class.csv``, the task's plots and ``val_pred.jpg``.
+    ``tta``: average each image with its mirror; ``ensemble``: more weights averaged with these."""
     spec = _spec_of(weights, task)
     if spec.name == "detect" and str(weights).endswith(".onnx"):
         raise CnnkitError(
             f"{weights}: an exported detector holds decoded boxes; evaluate its .safetensors weights "
             "(predict works on the .onnx file)"
         )
-    model, meta = load_task_model(weights, spec.name)
+    model, meta = load_task_model(weights, spec.name, tta=tta, ensemble=ensemble)
     recorded = options_from_record(spec, meta, str(weights))
     if data is None and not recorded.data:
         raise DataError(f"{weights} does not record its training data; pass --data")

@@ -174,13 +174,15 @@ def predict(
     device: str = "auto",
     alpha: float = 0.5,
     fast: bool = True,
+    tta: bool = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[SegmentPrediction]:
     """Segment images (files, folders, globs) one at a time, at their own size.
 
     With ``out``, writes ``out/masks/<stem>.png`` (palette PNG whose pixel values are the classes)
     and ``out/overlays/<stem>.jpg`` (the colours blended over the image).
     """
-    model, meta = load_task_model(weights, "segment")
+    model, meta = load_task_model(weights, "segment", tta=tta, ensemble=ensemble)
     prepared = prepare(model, select_device(device), fast)
     # S, or [H, W] (which keeps the aspect ratio, as --rect does)
     size, rect = frame_of(meta["imgsz"], bool((meta.get("options") or {}).get("rect", False)))
