@@ -25,6 +25,9 @@ from cnnkit.viz import Shown, draw_tile, save_grid
 
 
 class Pictures(Callback):
+    """Draws ``train_batch*.jpg`` and ``val_pred.jpg`` (see the module's note); any drawing failure is
+    logged and skipped, never ending the run."""
+
     def __init__(
         self,
         task: Task,
@@ -51,8 +54,7 @@ class Pictures(Callback):
         if self.batches_left and state.batch is not None:
             k = self.batches - self.batches_left
             self.batches_left -= 1
-            path = state.run_dir / f"train_batch{k}.jpg"
-            drawn_or_logged(self._draw, self.show(state.batch)[: self.per_batch], state, path)  # type: ignore[misc]
+            drawn_or_logged(self._draw_batch, state, state.run_dir / f"train_batch{k}.jpg")
 
     def on_epoch_end(self, state: FitState) -> None:
         if time.monotonic() - self.last >= self.every or state.epoch >= state.epochs:
@@ -64,6 +66,10 @@ class Pictures(Callback):
         if self.drawn != state.epoch and state.eval_model is not None:
             self.drawn, self.last = state.epoch, time.monotonic()
             drawn_or_logged(self._draw_predictions, state)
+
+    def _draw_batch(self, state: FitState, path: Path) -> None:
+        assert self.show is not None
+        self._draw(self.show(state.batch)[: self.per_batch], state, path)
 
     def _draw_predictions(self, state: FitState) -> None:
         assert self.show is not None and self.val_set is not None and state.eval_model is not None
