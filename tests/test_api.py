@@ -82,6 +82,10 @@ def test_not_an_image_is_one_clear_error(classifier: tuple[Path, Path]) -> None:
     weights, _ = classifier
     with pytest.raises(cnnkit.DataError, match=r"image0: an image is \[H, W\]"):
         cnnkit.load(weights)(np.zeros((2, 5, 5, 5), dtype=np.uint8))
+    with pytest.raises(
+        cnnkit.DataError, match=r"image0: a float image must hold values in \[0, 1\], not \[0, 191\]"
+    ):
+        cnnkit.load(weights)(np.arange(192.0).reshape(8, 8, 3))
     with pytest.raises(cnnkit.DataError, match="not an image"):
         cnnkit.load(weights)([{"a": 1}])
     with pytest.raises(cnnkit.CnnkitError, match="not \\['conf'\\]"):

@@ -311,7 +311,13 @@ def to_image_tensor(image: Any, name: str = "image") -> torch.Tensor:
             f"{name}: an image is [H, W], [H, W, C] or [C, H, W] with 1, 3 or 4 channels, not {list(t.shape)}"
         )
     if t.is_floating_point():
-        t = (t.float().clamp(0, 1) * 255).round()
+        low, high = float(t.min()), float(t.max())
+        if low < 0 or high > 1:
+            raise DataError(
+                f"{name}: a float image must hold values in [0, 1], not [{low:g}, {high:g}]; "
+                "pass uint8 (0-255) or divide by 255"
+            )
+        t = (t.float() * 255).round()
     t = t.to(torch.uint8)[:3]
     return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
 
