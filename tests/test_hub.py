@@ -77,7 +77,9 @@ def _torchvision_style(server: _Server, tag: str) -> tuple[Pretrained, dict[str,
 
 def test_a_tag_downloads_once_and_loads(server: _Server) -> None:
     entry, state = _torchvision_style(server, "resnet18.test_in1k")
-    model = cnnkit.create_model("resnet18.test_in1k", num_classes=10)
+    built = cnnkit.create_model("resnet18.test_in1k")  # a tag names its model; weights only when asked
+    assert built.cnnkit_config["name"] == "resnet18" and server.hits == 0
+    model = cnnkit.create_model("resnet18.test_in1k", pretrained=True, num_classes=10)
     assert torch.equal(model.state_dict()["stem.conv.conv.weight"], state["conv1.weight"])
     assert model.pretrained_cfg["tag"] == "resnet18.test_in1k" and entry.cache_path.is_file()
     assert server.hits == 1
@@ -91,7 +93,7 @@ def test_a_corrupt_download_is_refused_and_not_kept(server: _Server) -> None:
     file = server.root / Path(entry.url).name
     file.write_bytes(file.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
     with pytest.raises(cnnkit.CnnkitError, match="corrupt"):
-        cnnkit.create_model("resnet18.bad_in1k")
+        cnnkit.create_model("resnet18.bad_in1k", pretrained=True)
     assert not entry.cache_path.exists() and not list(entry.cache_path.parent.glob("*"))
 
 
@@ -101,12 +103,12 @@ def test_offline_and_no_network_say_where_to_put_the_file(
     entry, _ = _torchvision_style(server, "resnet18.away_in1k")
     monkeypatch.setenv("CNNKIT_OFFLINE", "1")
     with pytest.raises(cnnkit.CnnkitError, match="offline") as offline:
-        cnnkit.create_model("resnet18.away_in1k")
+        cnnkit.create_model("resnet18.away_in1k", pretrained=True)
     assert entry.url in str(offline.value) and str(entry.cache_path) in str(offline.value)
     monkeypatch.delenv("CNNKIT_OFFLINE")
     server.stop()
     with pytest.raises(cnnkit.CnnkitError, match="could not download") as no_network:
-        cnnkit.create_model("resnet18.away_in1k")
+        cnnkit.create_model("resnet18.away_in1k", pretrained=True)
     assert entry.url in str(no_network.value) and str(entry.cache_path) in str(no_network.value)
 
 
@@ -127,11 +129,11 @@ def test_hub_weights_are_checked_against_the_stated_sha256(
     path = "/timm/mobilenetv3_small_100.lamb_in1k/resolve/main/model.safetensors"
     server.headers[path] = {"X-Linked-Etag": '"' + "0" * 64 + '"'}
     with pytest.raises(cnnkit.CnnkitError, match="corrupt"):
-        cnnkit.create_model("mobilenetv3_small_100.lamb_in1k")
+        cnnkit.create_model("mobilenetv3_small_100.lamb_in1k", pretrained=True)
     server.headers[path] = {
         "X-Linked-Etag": f'"{hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()}"'
     }
-    model = cnnkit.create_model("mobilenetv3_small_100.lamb_in1k").eval()
+    model = cnnkit.create_model("mobilenetv3_small_100.lamb_in1k", pretrained=True).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)

@@ -81,10 +81,11 @@ def create_model(
 
     Args:
         name: a registered name (``list_models()``), or a pretrained tag (``"resnet50.tv2_in1k"``,
-            ``list_pretrained()``); may be ``None`` when ``weights`` is a cnnkit file, whose metadata
+            ``list_pretrained()``), which builds its model and, with ``pretrained=True``, loads those
+            weights (as timm does); may be ``None`` when ``weights`` is a cnnkit file, whose metadata
             names the model and its build arguments.
-        pretrained: ``True``: the model's default pretrained weights (torchvision's where it has them,
-            else timm's); a tag: those (see :mod:`cnnkit.hub`: cached, checksummed, offline mode).
+        pretrained: ``True``: the tag's weights, or the model's default (torchvision's where it has
+            them, else timm's); a tag: those (see :mod:`cnnkit.hub`: cached, checksummed, offline).
         num_classes: classifier outputs (default: the weights file's, else the builder's own default,
             1000 for the ImageNet classifiers); 0 keeps pooled features.
         in_chans: input channels (default 3); pretrained first convolutions are adapted.
@@ -100,10 +101,11 @@ def create_model(
     """
     meta: dict[str, Any] = {}
     path: Path | None = None
+    if name is not None and "." in name and name not in list_models():  # a tag names its model (as timm)
+        tagged = find_pretrained(name)
+        name, pretrained = tagged.model, tagged.tag if pretrained is True else pretrained
     entry = _pretrained_entry(name, pretrained, weights)
-    if entry is not None:
-        name = entry.model
-    elif weights is not None:
+    if entry is None and weights is not None:
         path = Path(weights)
         meta = read_metadata(path)
     if name is None:
@@ -148,16 +150,14 @@ def create_model(
 def _pretrained_entry(
     name: str | None, pretrained: bool | str, weights: str | os.PathLike[str] | None
 ) -> Pretrained | None:
-    """The pretrained weights asked for: ``pretrained=True|TAG``, a tag as ``name``, or ``weights`` that is
-    a tag or ``"torchvision"`` rather than a file."""
+    """The pretrained weights asked for: ``pretrained=True|TAG``, or ``weights`` that is a tag or
+    ``"torchvision"`` rather than a file."""
     if pretrained:
         if weights is not None:
             raise CnnkitError("pass pretrained= or weights=, not both")
         if pretrained is True and name is None:
             raise CnnkitError("pretrained=True needs a model name")
         entry = find_pretrained(name if pretrained is True else str(pretrained))  # type: ignore[arg-type]
-    elif name is not None and "." in name and name not in list_models():
-        entry = find_pretrained(name)
     elif weights is not None and not Path(weights).exists() and _is_tag(str(weights)):
         entry = find_pretrained(str(name) if str(weights) == "torchvision" else str(weights))
     else:
