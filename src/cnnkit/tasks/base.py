@@ -99,8 +99,13 @@ def mean_logits(logits: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
     sigmoid): logits of the mean prediction, as argmax, softmax and cross-entropy expect."""
     stacked = torch.stack([t.float() for t in logits])
     if stacked.shape[dim + 1] == 1:
-        return torch.logit(stacked.sigmoid().mean(0), eps=1e-7)
+        return mean_sigmoid_logits(stacked)
     return stacked.softmax(dim + 1).mean(0).clamp(min=1e-12).log()
+
+
+def mean_sigmoid_logits(stacked: torch.Tensor) -> torch.Tensor:
+    """Independent (sigmoid) logits stacked along dim 0 -> the logits of their mean probability."""
+    return torch.logit(stacked.sigmoid().mean(0), eps=1e-7)
 
 
 class Combined(nn.Module):

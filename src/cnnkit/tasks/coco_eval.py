@@ -93,31 +93,32 @@ class CocoResult:
     def best_f1(self) -> tuple[float, float, float, float]:
         """``(precision, recall, F1, confidence)`` at the confidence maximising the class-mean F1 (IoU
         0.5), averaged over classes with ground truth — the P and R detection tables report."""
-        i = self._best_index()
-        if i is None:
+        f1 = self.mean_f1()
+        if f1 is None:
             return 0.0, 0.0, 0.0, 0.0
+        i = int(f1.argmax())
         valid = ~np.isnan(self.p_curve[:, 0])
         p, r = self.p_curve[valid, i], self.r_curve[valid, i]
-        return (
-            float(p.mean()),
-            float(r.mean()),
-            float((2 * p * r / (p + r + 1e-16)).mean()),
-            float(self.conf_grid[i]),
-        )
+        return float(p.mean()), float(r.mean()), float(f1[i]), float(self.conf_grid[i])
 
     def per_class_pr(self) -> tuple[np.ndarray, np.ndarray]:
         """``[K]`` precision and recall of each class at the confidence :meth:`best_f1` picks (NaN for a
         class without ground truth): the per-class P and R detection tables report."""
-        i = self._best_index()
-        nan = np.full(len(self.p_curve), np.nan)
-        return (nan, nan) if i is None else (self.p_curve[:, i], self.r_curve[:, i])
+        f1 = self.mean_f1()
+        if f1 is None:
+            nan = np.full(len(self.p_curve), np.nan)
+            return nan, nan
+        i = int(f1.argmax())
+        return self.p_curve[:, i], self.r_curve[:, i]
 
-    def _best_index(self) -> int | None:
+    def mean_f1(self) -> np.ndarray | None:
+        """``[1000]`` F1 against the confidence grid, averaged over the classes with ground truth (IoU
+        0.5); None when no class has any."""
         valid = ~np.isnan(self.p_curve[:, 0])
         if not valid.any():
             return None
         p, r = self.p_curve[valid], self.r_curve[valid]
-        return int((2 * p * r / (p + r + 1e-16)).mean(0).argmax())
+        return np.asarray((2 * p * r / (p + r + 1e-16)).mean(0))
 
     def per_class_ap(self, iou: float | None = None) -> np.ndarray:
         """``[K]`` AP per class (area all, 100 detections) over IoU 0.5:0.95, or at one ``iou``; NaN for a

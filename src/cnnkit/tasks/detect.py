@@ -40,7 +40,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.ops.boxes import box_iou, clip, complete_iou
 from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import decode_outputs, shape_iou
-from cnnkit.tasks.base import ImageTask, Logs, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, mean_sigmoid_logits, to_uint8
 from cnnkit.tasks.coco_eval import RECALL_THRESHOLDS, CocoEvaluator, CocoResult
 from cnnkit.viz import Shown, plot_confusion
 
@@ -183,7 +183,7 @@ class DetectionTask(ImageTask):
         merged = []
         for level in zip(*outputs):
             stacked = torch.stack([o.float() for o in level])
-            scores = torch.logit(stacked[..., 4:].sigmoid().mean(0), eps=1e-7)
+            scores = mean_sigmoid_logits(stacked[..., 4:])
             merged.append(torch.cat([stacked[..., :4].mean(0), scores], -1))
         return merged
 
@@ -352,10 +352,8 @@ class DetectionEvaluator:
             title="precision-recall (IoU 0.5)",
         )
         ax_pr.legend(fontsize=7, loc="lower left")
-        ok = ~np.isnan(result.p_curve[:, 0])
-        if ok.any():
-            p, r = result.p_curve[ok], result.r_curve[ok]
-            f1 = (2 * p * r / (p + r + 1e-16)).mean(0)
+        f1 = result.mean_f1()
+        if f1 is not None:
             best = int(f1.argmax())
             ax_f1.plot(result.conf_grid, f1, "k", lw=2)
             ax_f1.axvline(result.conf_grid[best], ls="--", c="gray")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.ops.boxes import BoxFormat, convert, elementwise_iou
-from cnnkit.tasks.base import ImageTask, Logs, mean_logits, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, mean_logits, mean_sigmoid_logits, to_uint8
 from cnnkit.viz import Shown
 
 LandmarkLoss = Literal["l1", "smooth_l1", "wing"]
@@ -62,7 +62,7 @@ class LocalizationTask(ImageTask):
     def average(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Objectness and classes as probabilities (returned as logits), the box (fractions) averaged."""
         stacked = torch.stack([o.float() for o in outputs])
-        obj = torch.logit(stacked[..., :1].sigmoid().mean(0), eps=1e-7)
+        obj = mean_sigmoid_logits(stacked[..., :1])
         classes = mean_logits(list(stacked[..., 5:])) if stacked.shape[-1] > 5 else stacked[0, :, 5:]
         return torch.cat([obj, stacked[..., 1:5].mean(0), classes], -1)
 
