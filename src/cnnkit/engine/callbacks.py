@@ -274,22 +274,39 @@ class EarlyStopping(Callback):
             )
 
 
-class Plotter(Callback):
-    """``results.png``: loss and metric curves, redrawn as epochs end (a run can be watched) and at the
-    end. Epochs shorter than ``every`` seconds are drawn at most once per ``every`` seconds: a drawing
-    costs about a second, a lot next to a 3-second epoch."""
+class Redrawn(Callback):
+    """A picture redrawn as epochs end (a run can be watched) and after the last one. Epochs shorter than
+    ``every`` seconds redraw it at most once per ``every`` seconds: a drawing costs about a second, a lot
+    next to a 3-second epoch. Subclasses say whether there is anything to draw and draw it (main process
+    only, each epoch at most once)."""
 
     def __init__(self, every: float = 20.0) -> None:
-        self.every, self.last, self.drawn = every, -math.inf, -1  # drawn: the epoch results.png shows
+        self.every, self.last, self.drawn = every, -math.inf, -1  # drawn: the epoch the picture shows
 
     def on_epoch_end(self, state: FitState) -> None:
-        if time.monotonic() - self.last >= self.every:
+        if time.monotonic() - self.last >= self.every or state.epoch >= state.epochs:
             self.on_fit_end(state)
 
     def on_fit_end(self, state: FitState) -> None:
-        if state.history and state.is_main and self.drawn != state.epoch:
+        if state.is_main and self.drawn != state.epoch and self.ready(state):
             self.drawn, self.last = state.epoch, time.monotonic()
-            drawn_or_logged(plot_history, state.history, state.run_dir / "results.png")
+            self.redraw(state)
+
+    def ready(self, state: FitState) -> bool:
+        return True
+
+    def redraw(self, state: FitState) -> None:
+        raise NotImplementedError
+
+
+class Plotter(Redrawn):
+    """``results.png``: loss and metric curves (see :class:`Redrawn` for when)."""
+
+    def ready(self, state: FitState) -> bool:
+        return bool(state.history)
+
+    def redraw(self, state: FitState) -> None:
+        drawn_or_logged(plot_history, state.history, state.run_dir / "results.png")
 
 
 def drawn_or_logged(draw: Callable[..., Any], *args: Any) -> None:

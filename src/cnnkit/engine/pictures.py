@@ -11,7 +11,6 @@ Each new picture is also listed in ``FitState.pictures`` for the loggers (Tensor
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from cnnkit.engine.callbacks import Callback, FitState, drawn_or_logged
+from cnnkit.engine.callbacks import FitState, Redrawn, drawn_or_logged
 from cnnkit.tasks.base import Task
 from cnnkit.viz import Shown, draw_tile, save_grid
 
 
-class Pictures(Callback):
+class Pictures(Redrawn):
     """Draws ``train_batch*.jpg`` and ``val_pred.jpg`` (see the module's note); any drawing failure is
     logged and skipped, never ending the run."""
 
@@ -39,12 +38,12 @@ class Pictures(Callback):
         per_batch: int = 16,
         every: float = 20.0,
     ) -> None:
+        super().__init__(every)  # how often val_pred.jpg is redrawn
         self.show = getattr(task, "show", None)
         self.void = getattr(task, "ignore_index", None)
         self.val_set, self.collate = val_set, collate_fn or default_collate
-        self.batches, self.samples, self.per_batch, self.every = batches, samples, per_batch, every
+        self.batches, self.samples, self.per_batch = batches, samples, per_batch
         self.batches_left = 0
-        self.last, self.drawn = -float("inf"), -1  # when and for which epoch val_pred.jpg was drawn
 
     def on_fit_start(self, state: FitState) -> None:
         # a resumed run keeps the batches its first epoch drew
@@ -56,16 +55,12 @@ class Pictures(Callback):
             self.batches_left -= 1
             drawn_or_logged(self._draw_batch, state, state.run_dir / f"train_batch{k}.jpg")
 
-    def on_epoch_end(self, state: FitState) -> None:
-        if time.monotonic() - self.last >= self.every or state.epoch >= state.epochs:
-            self.on_fit_end(state)
+    def ready(self, state: FitState) -> bool:
+        has_val = self.val_set is not None and len(self.val_set) > 0  # type: ignore[arg-type]
+        return self.show is not None and has_val and state.eval_model is not None
 
-    def on_fit_end(self, state: FitState) -> None:
-        if not (state.is_main and self.show and self.val_set is not None and len(self.val_set)):  # type: ignore[arg-type]
-            return
-        if self.drawn != state.epoch and state.eval_model is not None:
-            self.drawn, self.last = state.epoch, time.monotonic()
-            drawn_or_logged(self._draw_predictions, state)
+    def redraw(self, state: FitState) -> None:
+        drawn_or_logged(self._draw_predictions, state)
 
     def _draw_batch(self, state: FitState, path: Path) -> None:
         assert self.show is not None
