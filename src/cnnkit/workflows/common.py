@@ -124,11 +124,15 @@ def rebuild_model(meta: dict[str, Any]) -> nn.Module:
 def preprocess(image: torch.Tensor, imgsz: int | tuple[int, int], meta: dict[str, Any]) -> torch.Tensor:
     """``[3, H, W] uint8 -> [1, 3, h, w]`` float (``imgsz``: ``h = w``, or ``(h, w)``), resized and
     normalised as in training."""
-    mean = torch.tensor(meta["mean"]).view(3, 1, 1)
-    std = torch.tensor(meta["std"]).view(3, 1, 1)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
-    x = F.interpolate(image[None].float() / 255, size=size, mode="bilinear", antialias=True)
-    return (x - mean) / std
+    return normalise(
+        F.interpolate(image[None].float() / 255, size=size, mode="bilinear", antialias=True), meta
+    )
+
+
+def normalise(x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """``[B, 3, H, W]`` pixels in [0, 1] normalised with the mean and std a run recorded."""
+    return (x - torch.tensor(meta["mean"]).view(3, 1, 1)) / torch.tensor(meta["std"]).view(3, 1, 1)
 
 
 def record_skipped(run_dir: Path, items: Sequence[tuple[str, str]]) -> None:

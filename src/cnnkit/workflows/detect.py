@@ -35,7 +35,7 @@ from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.viz import box_colour
-from cnnkit.workflows.common import load_task_model
+from cnnkit.workflows.common import load_task_model, normalise
 from cnnkit.workflows.localize import PRETRAINED_BACKBONE
 from cnnkit.workflows.spec import (
     Labelled,
@@ -270,14 +270,12 @@ def predict(
     else:
         detect = partial(_detections, detection_task(model, names), conf, iou, max_det, agnostic)
     imgsz = int(meta["imgsz"])
-    mean = torch.tensor(meta["mean"]).view(3, 1, 1)
-    std = torch.tensor(meta["std"]).view(3, 1, 1)
     out_dir = Path(out) if out is not None else None
     names_out = OutputNames(out_dir)
     for frame in iter_frames(sources):
         image = frame.image
-        boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
-        det = detect(prepared(((boxed.float() / 255 - mean) / std)[None]))
+        x, info = detector_input(image, imgsz, meta)
+        det = detect(prepared(x))
         boxes = unletterbox(det.boxes.cpu(), info)
         classes = det.labels.cpu().tolist()
         pred = DetPrediction(
@@ -292,6 +290,15 @@ def predict(
             draw_detections(image, pred, drawn)
             pred = DetPrediction(pred.path, pred.boxes, pred.scores, pred.labels, pred.classes, str(drawn))
         yield pred
+
+
+def detector_input(
+    image: torch.Tensor, imgsz: int, meta: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image [3, H, W] uint8`` as a detector takes it: letterboxed to ``imgsz`` and normalised as in
+    training, ``[1, 3, S, S]``, with the letterbox ``info`` that maps boxes back."""
+    boxed, _, info = letterbox(image, torch.zeros(0, 4), imgsz)
+    return normalise(boxed[None].float() / 255, meta), info
 
 
 def _detections(

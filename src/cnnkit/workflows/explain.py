@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from cnnkit.cam import CAM, Method, overlay
-from cnnkit.data.detect_dataset import letterbox
 from cnnkit.data.images import Frame, OutputNames, iter_frames
 from cnnkit.data.transforms import classify_eval_transform
 from cnnkit.engine.device import select_device
@@ -32,7 +31,7 @@ from cnnkit.tasks.base import to_uint8
 from cnnkit.viz import Shown, draw_tile, save_grid
 from cnnkit.weights import read_metadata
 from cnnkit.workflows.common import load_task_model, preprocess
-from cnnkit.workflows.detect import detection_task
+from cnnkit.workflows.detect import detection_task, detector_input
 
 EXPLAINED = ("classify", "localize", "detect")
 
@@ -110,11 +109,7 @@ def _inputs(task: str, meta: dict[str, Any]) -> Callable[[Frame], torch.Tensor]:
         transform = classify_eval_transform(int(imgsz), float(meta.get("crop_fraction", 0.875)))
         return lambda frame: transform(frame.image)[None]
     if task == "detect":
-        mean = torch.tensor(meta["mean"]).view(3, 1, 1)
-        std = torch.tensor(meta["std"]).view(3, 1, 1)
-        return lambda frame: ((letterbox(frame.image, torch.zeros(0, 4), int(imgsz))[0] / 255 - mean) / std)[
-            None
-        ]
+        return lambda frame: detector_input(frame.image, int(imgsz), meta)[0]
     return lambda frame: preprocess(frame.image, imgsz if isinstance(imgsz, int) else tuple(imgsz), meta)
 
 
