@@ -13,7 +13,6 @@ r.plot()                             # a PIL image (shown as is in Jupyter), r.s
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -25,10 +24,12 @@ import torch
 from PIL import Image
 
 from cnnkit.data.images import iter_frames
+from cnnkit.engine.config import config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.io import atomic_path
 from cnnkit.viz import Shown, draw_tile
 from cnnkit.weights import read_metadata
+from cnnkit.workflows import run
 from cnnkit.workflows.spec import get_task
 
 
@@ -151,11 +152,9 @@ class Predictor:
         frames = list(iter_frames(items))
         images = {f.name: f.image for f in frames}
         cls = self.spec.PredictOptions
-        chosen = None if cls is None else _options(cls, options, self.task)
+        chosen = None if cls is None else config_from_dict(cls, options, f"{self.task} predictions")
         if options and cls is None:
             raise CnnkitError(f"{self.task} predictions take no options; got {sorted(options)}")
-        from cnnkit.workflows import run
-
         results = []
         for record in run.predict(self.weights, frames, options=chosen, device=self.device, fast=self.fast):
             name = record.data["path"]
@@ -164,11 +163,3 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor({self.task}, {self.weights!r}, classes={self.names})"
-
-
-def _options(cls: type, values: dict[str, Any], task: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CnnkitError(f"{task} predictions take {sorted(known)}; not {unknown}")
-    return cls(**values)
