@@ -57,11 +57,11 @@ def val(
     the task's val options (``conf=``, ``iou=``...) and ``batch=``, ``imgsz=``, ``device=``, ``out=``."""
     import dataclasses
 
-    from cnnkit.weights import read_metadata
+    from cnnkit.weights import read_metadata, task_of
     from cnnkit.workflows import run
     from cnnkit.workflows.spec import get_task
 
-    spec = get_task(read_metadata(weights).get("task") or "classify")
+    spec = get_task(task_of(read_metadata(weights)))
     fields = {f.name for f in dataclasses.fields(spec.ValOptions)} if spec.ValOptions else set()
     chosen = {k: options.pop(k) for k in list(options) if k in fields}
     given = spec.ValOptions(**chosen) if spec.ValOptions is not None else None

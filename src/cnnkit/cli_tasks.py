@@ -153,10 +153,10 @@ def cmd_val(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from cnnkit.engine.loops import new_run_dir
-    from cnnkit.weights import read_metadata
+    from cnnkit.weights import read_metadata, task_of
     from cnnkit.workflows.explain import explain
 
-    folder = new_run_dir(args.out, read_metadata(args.weights).get("task") or "classify", "exp")
+    folder = new_run_dir(args.out, task_of(read_metadata(args.weights)), "exp")
     options = {"method": args.method, "layer": args.layer, "target_class": args.target_class}
     for e in explain(
         args.weights,

@@ -31,7 +31,7 @@ from cnnkit.api import create_model
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import fold_batchnorm
 from cnnkit.io import atomic_path
-from cnnkit.weights import max_side, raw_metadata, read_metadata
+from cnnkit.weights import max_side, raw_metadata, read_metadata, task_of
 
 log = logging.getLogger("cnnkit")
 ExportFormat = Literal["onnx", "torchscript"]
@@ -174,7 +174,7 @@ def export(
     meta = read_metadata(weights)
     if "model" not in meta:
         raise CnnkitError(f"{weights}: no cnnkit metadata naming the model; export needs cnnkit weights")
-    task = str(meta.get("task", "classify"))
+    task = task_of(meta)
     size = int(imgsz or max_side(meta.get("imgsz")) or 224)
     model, folded = fold_batchnorm(create_model(None, weights=weights))
     net = _exportable(model, task, nms, conf, iou, max_det).eval()

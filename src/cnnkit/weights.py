@@ -92,6 +92,11 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def task_of(meta: dict[str, Any]) -> str:
+    """The task weights with this metadata were trained for: a plain saved model (no task) classifies."""
+    return str(meta.get("task") or "classify")
+
+
 def raw_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """A ``.safetensors`` file's metadata as stored (strings)."""
     from safetensors import safe_open

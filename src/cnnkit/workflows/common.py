@@ -25,7 +25,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.inference import OnnxModel, prepare
 from cnnkit.io import atomic_path
 from cnnkit.tasks.base import Combined, Task
-from cnnkit.weights import read_metadata
+from cnnkit.weights import read_metadata, task_of
 
 log = logging.getLogger("cnnkit")
 
@@ -48,9 +48,8 @@ def load_task_model(
             f"{weights} has no cnnkit metadata naming its model; load it with "
             "cnnkit.create_model(NAME, weights=PATH) and use the model directly"
         )
-    found = meta.get("task")
-    if found != task and not (found is None and task == "classify"):  # plain saved classifiers have no task
-        raise CnnkitError(f"{weights} holds a {found or 'plain'} model, not a {task} model")
+    if task_of(meta) != task:
+        raise CnnkitError(f"{weights} holds a {meta.get('task') or 'plain'} model, not a {task} model")
     if Path(weights).suffix == ".onnx":
         return OnnxModel(weights, meta).eval(), meta
     return create_model(None, weights=weights).eval(), meta

@@ -29,7 +29,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.ops.yolo import decode_outputs
 from cnnkit.tasks.base import to_uint8
 from cnnkit.viz import Shown, draw_tile, save_grid
-from cnnkit.weights import read_metadata
+from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows.common import load_task_model, preprocess
 from cnnkit.workflows.detect import detection_task, detector_input
 
@@ -71,7 +71,7 @@ def explain(
     """Heat maps of ``weights``' scores on each image of ``sources`` (files, folders, globs, videos).
     ``target_class``: explain this class instead of the predicted one (classifiers, localizers);
     ``max_boxes``/``conf``: the detections explained; ``out``: where the pictures go."""
-    task = read_metadata(weights).get("task") or "classify"
+    task = task_of(read_metadata(weights))
     if task not in EXPLAINED:
         raise CnnkitError(f"explain works on {', '.join(EXPLAINED)} models; {weights} is a {task} model")
     model, meta = load_task_model(weights, task)

@@ -28,7 +28,7 @@ from cnnkit.engine.config import config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.io import atomic_path
 from cnnkit.viz import Shown, draw_tile
-from cnnkit.weights import read_metadata
+from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows import run
 from cnnkit.workflows.spec import get_task
 
@@ -142,7 +142,7 @@ class Predictor:
     def __init__(self, weights: str | os.PathLike[str], device: str = "auto", fast: bool = True) -> None:
         meta = read_metadata(weights)
         self.weights, self.device, self.fast = str(weights), device, fast
-        self.task: str = meta.get("task") or "classify"
+        self.task = task_of(meta)
         self.spec = get_task(self.task)
         self.names: list[str] = list(meta.get("class_names") or [])
         self.metadata = meta

@@ -26,7 +26,7 @@ from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.loops import check_trainable
 from cnnkit.engine.trainer import FitResult, new_run_dir, seed_everything
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.weights import read_metadata
+from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows.common import (
     evaluate_dataset,
     load_task_model,
@@ -216,7 +216,7 @@ def val(
 def _spec_of(weights: str | os.PathLike[str], task: str | None) -> TaskSpec:
     """``task``'s spec, else that of the task ``weights`` were trained for (files without a task are
     classifiers); weights of another task are refused where the model is loaded (``load_task_model``)."""
-    return get_task(task or read_metadata(weights).get("task") or "classify")
+    return get_task(task or task_of(read_metadata(weights)))
 
 
 def _drop_val(options: Any) -> dict[str, Any]:
