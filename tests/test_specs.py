@@ -155,7 +155,7 @@ def test_resume_refuses_flags_that_would_change_the_run(capsys: pytest.CaptureFi
 LAYERS = [
     {"errors", "io", "arithmetic"},
     {"ops", "layers"},
-    {"models", "registry", "weights", "hub"},
+    {"models", "registry", "weights", "hub", "keras_import"},
     {"api", "summary", "viz", "cam"},
     {"data"},
     {"tasks"},

@@ -14,7 +14,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from cnnkit.api import LoadReport, create_model, list_models, load_model, load_weights, save_weights
+from cnnkit.api import (
+    LoadReport,
+    create_model,
+    import_keras,
+    list_models,
+    load_model,
+    load_weights,
+    save_weights,
+)
 from cnnkit.errors import CnnkitError, DataError, WeightsError
 
 if TYPE_CHECKING:
@@ -31,6 +39,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "create_model",
+    "import_keras",
     "list_models",
     "load",
     "load_model",

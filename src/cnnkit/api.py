@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
-from cnnkit.registry import create_model, list_models, load_model
+from cnnkit.registry import create_model, import_keras, list_models, load_model
 from cnnkit.weights import LoadReport, load_weights, save_weights
 
-__all__ = ["LoadReport", "create_model", "list_models", "load_model", "load_weights", "save_weights"]
+__all__ = [
+    "LoadReport",
+    "create_model",
+    "import_keras",
+    "list_models",
+    "load_model",
+    "load_weights",
+    "save_weights",
+]

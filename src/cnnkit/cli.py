@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cnnkit.errors import CnnkitError
 from cnnkit.io import why_not_written
@@ -71,6 +72,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"{result.path} ({result.format}; outputs {', '.join(result.outputs)}): max difference from PyTorch "
         f"{result.max_diff:.2e} (tolerance {result.tolerance:.0e}), {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnkit import import_keras
+
+    out = Path(args.out or Path(args.file).name.split(".")[0]).with_suffix(".safetensors")
+    model = import_keras(args.file, out=out, num_classes=args.num_classes)
+    config: dict[str, Any] = model.cnnkit_config  # type: ignore[assignment]
+    cfg: dict[str, Any] = model.pretrained_cfg  # type: ignore[assignment]
+    mean, std = (", ".join(f"{v:.4g}" for v in cfg[k]) for k in ("mean", "std"))
+    print(
+        f"{out}: {config['name']} {config['args']} from {args.file}; input {cfg['imgsz']} px RGB in [0, 1], "
+        f"normalised by mean ({mean}) and std ({std})"
     )
     return 0
 
@@ -154,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max difference relative to output scale")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import-keras",
+        help="a Keras Applications model (MobileNetV2, ResNet50, VGG16, EfficientNetB0...) as cnnkit weights",
+    )
+    p.add_argument("file", help=".keras, .h5 or .weights.h5 (a backbone alone or with one Dense classifier)")
+    p.add_argument("--out", help="the cnnkit weights file to write (default: the file's name, .safetensors)")
+    p.add_argument("--num-classes", type=int, help="a new classifier of this size (default: the file's)")
+    p.set_defaults(func=cmd_import_keras)
 
     p = sub.add_parser(
         "benchmark", help="latency and throughput: PyTorch, fast path, TorchScript, ONNX Runtime"

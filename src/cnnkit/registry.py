@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,14 @@ from torch import nn
 
 from cnnkit.errors import CnnkitError
 from cnnkit.hub import Pretrained, fetch, find_pretrained
-from cnnkit.weights import load_weights, read_metadata, tensor_count
+from cnnkit.keras_import import is_keras_file, read_keras
+from cnnkit.weights import load_weights, read_metadata, save_weights, tensor_count
 
 ModelBuilder = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelBuilder)
 
 _MODELS: dict[str, ModelBuilder] = {}
+log = logging.getLogger(__name__)
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -89,9 +92,11 @@ def create_model(
         num_classes: classifier outputs (default: the weights file's, else the builder's own default,
             1000 for the ImageNet classifiers); 0 keeps pooled features.
         in_chans: input channels (default 3); pretrained first convolutions are adapted.
-        weights: a path to a cnnkit ``.safetensors`` file or a torchvision/timm state dict of the same
-            architecture, a pretrained tag, or ``"torchvision"`` (torchvision's default). A classifier
-            with another class count is left out and trained anew (transfer learning).
+        weights: a path to a cnnkit ``.safetensors`` file, a torchvision/timm state dict of the same
+            architecture, a Keras Applications file (``.keras``/``.h5``, see :mod:`cnnkit.keras_import`;
+            the model and its build arguments are recognised from it), a pretrained tag, or
+            ``"torchvision"`` (torchvision's default). A classifier with another class count is left
+            out and trained anew (transfer learning).
         features_only: return a :class:`FeatureExtractor` yielding each stage's feature map (no head).
         out_indices: the stages a features-only model returns (default all).
         **overrides: architecture arguments of the builder (``width``, ``drop_rate``, ``aux_logits``...).
@@ -105,11 +110,18 @@ def create_model(
         tagged = find_pretrained(name)
         name, pretrained = tagged.model, tagged.tag if pretrained is True else pretrained
     entry = _pretrained_entry(name, pretrained, weights)
+    keras = None
     if entry is None and weights is not None:
         path = Path(weights)
-        meta = read_metadata(path)
+        if is_keras_file(path):  # the model and its build arguments recognised from the Keras layers
+            keras = read_keras(path)
+            if name is not None and name != keras.model:
+                raise CnnkitError(f"{path} holds a Keras {keras.model}, not a {name}")
+            meta = {"model": keras.model, "args": keras.args}
+        else:
+            meta = read_metadata(path)
     if name is None:
-        name = meta.get("model")
+        name = meta.get("model") or (entry.model if entry is not None else None)
         if name is None:
             raise CnnkitError("create_model needs a model name unless `weights` is a cnnkit weights file")
     args: dict[str, Any] = dict(meta.get("args", {})) if meta.get("model") == name else {}
@@ -125,7 +137,7 @@ def create_model(
     builder = get_builder(name)
     from cnnkit.models.base import ConvNet, FeatureExtractor
 
-    if path is not None and meta.get("model") == name:
+    if path is not None and keras is None and meta.get("model") == name:
         _check_size(name, builder, args, path)
     try:
         model = builder(**args)
@@ -134,7 +146,12 @@ def create_model(
             raise
         raise CnnkitError(f"{name}: {exc}; see help(cnnkit.models) for the builder's arguments") from None
     model.cnnkit_config = {"name": name, "args": _jsonable(args)}  # type: ignore[assignment]
-    if path is not None:
+    if keras is not None:
+        load_weights(model, keras.state_dict(model), label=str(path))
+        model.pretrained_cfg = keras.pretrained_cfg  # type: ignore[assignment]
+        for note in keras.notes:
+            log.info("%s: %s", path, note)
+    elif path is not None:
         load_weights(model, path, reference=None if entry is None else entry.reference)
     if entry is not None:  # what the weights expect, as timm's pretrained_cfg
         model.pretrained_cfg = {  # type: ignore[assignment]
@@ -199,6 +216,46 @@ def _check_size(name: str, builder: Any, args: dict[str, Any], path: Path) -> No
 def load_model(path: str | os.PathLike[str], **overrides: Any) -> nn.Module:
     """Rebuild a model from a cnnkit weights file written by :func:`save_weights`."""
     return create_model(None, weights=path, **overrides)
+
+
+def expected_normalisation(weights: str | os.PathLike[str] | None) -> tuple[list[float], list[float]] | None:
+    """The mean and std on [0, 1] RGB pixels that pretrained weights expect (a Keras file's
+    preprocessing, a tag's, a cnnkit file's recorded ones); None when they do not say (ImageNet's)."""
+    if weights is None:
+        return None
+    path = Path(weights)
+    if path.is_file() and is_keras_file(path):
+        keras = read_keras(path)
+        return list(keras.mean), list(keras.std)
+    if path.is_file():
+        meta = read_metadata(path)
+        return (list(meta["mean"]), list(meta["std"])) if "mean" in meta and "std" in meta else None
+    if _is_tag(str(weights)) and str(weights) != "torchvision":
+        entry = find_pretrained(str(weights))
+        return list(entry.mean), list(entry.std)
+    return None
+
+
+def import_keras(
+    path: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+) -> nn.Module:
+    """A Keras Applications model file (``.keras``, ``.h5``, ``.weights.h5``: MobileNetV2, ResNet50/101/152,
+    VGG16/19, EfficientNetB0-B7, alone or as the backbone of a model with one Dense classifier) as the
+    zoo model computing the same outputs; ``model.pretrained_cfg`` holds the input size and the mean/std
+    on [0, 1] RGB pixels it expects. With ``out``, also written as cnnkit weights (with that size and
+    normalisation) for ``cnnkit.load``, ``predict``, ``val``, ``export`` and fine-tuning; an existing
+    file is never overwritten."""
+    if out is not None and Path(out).with_suffix(".safetensors").exists():
+        raise CnnkitError(f"{Path(out).with_suffix('.safetensors')} exists; choose another output")
+    model = create_model(None, weights=path, num_classes=num_classes, in_chans=in_chans)
+    if out is not None:
+        cfg: dict[str, Any] = model.pretrained_cfg  # type: ignore[assignment]
+        save_weights(model, out, {k: cfg[k] for k in ("imgsz", "mean", "std", "source")})
+    return model
 
 
 def _jsonable(args: dict[str, Any]) -> dict[str, Any]:

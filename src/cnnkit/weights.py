@@ -211,19 +211,20 @@ def load_weights(
     *,
     strict: bool = True,
     reference: str | None = None,
+    label: str | None = None,
 ) -> LoadReport:
     """Load a cnnkit, torchvision or timm state dict of the same architecture into ``model``.
 
     ``reference``: the torchvision/timm model name the file was saved from, when it is not the cnnkit
     model's (timm's ``mobilenetv3_large_100``): a ``.safetensors`` file of foreign names gets its
-    tensors' order from it.
+    tensors' order from it. ``label``: what messages call ``source`` (the file a state dict came from).
 
     A classifier with another class count is left out and stays freshly initialised; a first
     convolution with another number of input channels is adapted (summed for 1 channel, repeated and
     rescaled otherwise). With ``strict`` any other mismatch raises :class:`WeightsError` naming the
     keys and shapes.
     """
-    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    name = label or (str(source) if not isinstance(source, Mapping) else "state dict")
     src = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     target = model.state_dict()
     foreign = not set(_split(list(target))[0]) <= set(src)  # the file does not use cnnkit's names

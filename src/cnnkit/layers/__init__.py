@@ -8,7 +8,7 @@ from cnnkit.layers.blocks import (
     InvertedResidual,
     SqueezeExcite,
 )
-from cnnkit.layers.conv import Conv2dSame, ConvNormAct, make_divisible
+from cnnkit.layers.conv import Conv2dSame, ConvNormAct, make_divisible, set_bn_eps, use_tf_padding
 from cnnkit.layers.frozen_bn import FrozenBatchNorm2d, freeze_batchnorm
 
 __all__ = [
@@ -23,4 +23,6 @@ __all__ = [
     "SqueezeExcite",
     "freeze_batchnorm",
     "make_divisible",
+    "set_bn_eps",
+    "use_tf_padding",
 ]

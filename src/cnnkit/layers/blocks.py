@@ -80,15 +80,27 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck: 1x1 reduce, 3x3 (carrying the stride, as in "ResNet v1.5"), 1x1 expand x4."""
+    """ResNet bottleneck: 1x1 reduce, 3x3 (carrying the stride, as in "ResNet v1.5"), 1x1 expand x4.
+
+    ``stride_in_1x1``: the original paper's placement (Caffe's and Keras' ResNets), the stride on the
+    first 1x1 convolution, which skips three quarters of the pixels before any 3x3 sees them.
+    """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        drop_path: float = 0.0,
+        stride_in_1x1: bool = False,
+    ) -> None:
         super().__init__()
         out_channels = channels * self.expansion
-        self.conv1 = ConvNormAct(in_channels, channels, 1)
-        self.conv2 = ConvNormAct(channels, channels, 3, stride)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = ConvNormAct(in_channels, channels, 1, s1)
+        self.conv2 = ConvNormAct(channels, channels, 3, s3)
         self.conv3 = ConvNormAct(channels, out_channels, 1, act=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride)
         self.drop_path = DropPath(drop_path)

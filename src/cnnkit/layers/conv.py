@@ -87,3 +87,33 @@ class Conv2dSame(nn.Conv2d):
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         return super().forward(x)
+
+
+def use_tf_padding(module: nn.Module) -> nn.Module:
+    """Give every strided convolution in ``module`` TensorFlow's 'same' padding (:class:`Conv2dSame`), as
+    Keras models are trained with; stride-1 convolutions with odd kernels pad the same either way."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d and max(child.stride) > 1 and max(child.kernel_size) > 1:
+                same = Conv2dSame(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    dilation=child.dilation,
+                    groups=child.groups,
+                    bias=child.bias is not None,
+                )
+                same.load_state_dict(child.state_dict())
+                setattr(parent, name, same)
+    return module
+
+
+def set_bn_eps(module: nn.Module, eps: float | None) -> nn.Module:
+    """Set the epsilon of every BatchNorm in ``module`` (the framework the weights came from: Keras uses
+    1e-3, 1.001e-5 in its ResNets); ``None`` leaves them as built."""
+    if eps is not None:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eps = eps
+    return module

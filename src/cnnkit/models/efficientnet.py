@@ -18,7 +18,14 @@ from cnnkit.arithmetic.scaling import (
     Scaling,
     compound_scaling,
 )
-from cnnkit.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
+from cnnkit.layers import (
+    ConvNormAct,
+    InvertedResidual,
+    SqueezeExcite,
+    make_divisible,
+    set_bn_eps,
+    use_tf_padding,
+)
 from cnnkit.layers.conv import NormLayer
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap
 from cnnkit.models.mobilenet import inverted_residual_names
@@ -32,7 +39,11 @@ TF_BN_VARIANTS = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
 
 
 class EfficientNet(ConvNet):
-    """3x3/2 stem, MBConv stages (SE ratio 0.25, SiLU, drop-connect), 1x1 conv to 4x the last width."""
+    """3x3/2 stem, MBConv stages (SE ratio 0.25, SiLU, drop-connect), 1x1 conv to 4x the last width.
+
+    ``tf_padding`` and ``bn_eps`` (1e-3) build the Keras/TensorFlow original: its stride-2 convolutions
+    pad the extra pixels bottom/right.
+    """
 
     def __init__(
         self,
@@ -44,6 +55,8 @@ class EfficientNet(ConvNet):
         drop_path_rate: float = 0.2,
         norm: NormLayer = nn.BatchNorm2d,
         table: tuple[MBConvStage, ...] = EFFICIENTNET_B0,
+        tf_padding: bool = False,
+        bn_eps: float | None = None,
     ) -> None:
         super().__init__()
         self.scaling = scaling
@@ -96,6 +109,7 @@ class EfficientNet(ConvNet):
                 bound = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
+        set_bn_eps(use_tf_padding(self) if tf_padding else self, bn_eps)
 
     def reference_names(self) -> NameMap:
         """torchvision's ``features.R.J.block`` (row R of the table, block J), ``features.8`` final."""

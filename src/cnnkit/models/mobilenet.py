@@ -9,7 +9,15 @@ from typing import Any
 
 from torch import nn
 
-from cnnkit.layers import ConvNormAct, DepthwiseSeparable, InvertedResidual, SqueezeExcite, make_divisible
+from cnnkit.layers import (
+    ConvNormAct,
+    DepthwiseSeparable,
+    InvertedResidual,
+    SqueezeExcite,
+    make_divisible,
+    set_bn_eps,
+    use_tf_padding,
+)
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap, conv_norm_names
 from cnnkit.registry import register_model
 
@@ -123,7 +131,11 @@ MOBILENET_V2 = (
 
 
 class MobileNetV2(ConvNet):
-    """32-channel 3x3/2 stem, the ``(t, c, n, s)`` inverted-residual table, 1x1 conv to 1280, classifier."""
+    """32-channel 3x3/2 stem, the ``(t, c, n, s)`` inverted-residual table, 1x1 conv to 1280, classifier.
+
+    ``tf_padding`` and ``bn_eps`` (1e-3) build Keras' MobileNetV2: its stride-2 convolutions pad the
+    extra pixel bottom/right only.
+    """
 
     def __init__(
         self,
@@ -134,6 +146,8 @@ class MobileNetV2(ConvNet):
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.0,
         table: Sequence[InvertedResidualStage] = MOBILENET_V2,
+        tf_padding: bool = False,
+        bn_eps: float | None = None,
     ) -> None:
         super().__init__()
         in_ch = make_divisible(32 * width)
@@ -160,6 +174,7 @@ class MobileNetV2(ConvNet):
         self.final = ConvNormAct(in_ch, last_ch, 1, act=nn.ReLU6)
         self.head = ClassifierHead(last_ch, num_classes, dropout=drop_rate)
         _init_weights(self)
+        set_bn_eps(use_tf_padding(self) if tf_padding else self, bn_eps)
 
     def reference_names(self) -> NameMap:
         count = sum(len(list(stage.children())) for stage in self.stages)

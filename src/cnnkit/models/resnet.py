@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from cnnkit.layers import BasicBlock, Bottleneck, ConvNormAct
+from cnnkit.layers import BasicBlock, Bottleneck, ConvNormAct, set_bn_eps
 from cnnkit.models.base import ClassifierHead, ConvNet, FeatureInfo, NameMap, conv_norm_names
 from cnnkit.registry import register_model
 
@@ -34,6 +34,8 @@ class ResNet(ConvNet):
     """7x7/2 conv stem and 3x3/2 max-pool, four stages of residual blocks, global pool and a linear layer.
 
     The first block of stages 2-4 halves the resolution; its shortcut is a 1x1 projection (``W_s``).
+    ``stride_in_1x1`` and ``bn_eps`` build Keras' ResNet50 (v1: the stride on the first 1x1, epsilon
+    1.001e-5) instead of torchvision's v1.5.
     """
 
     def __init__(
@@ -46,8 +48,13 @@ class ResNet(ConvNet):
         drop_path_rate: float = 0.0,
         zero_init_residual: bool = False,
         width: float = 1.0,
+        stride_in_1x1: bool = False,
+        bn_eps: float | None = None,
     ) -> None:
         super().__init__()
+        if stride_in_1x1 and spec.block is not Bottleneck:
+            raise ValueError("stride_in_1x1 applies to bottleneck ResNets (resnet50 and deeper)")
+        extra = {"stride_in_1x1": True} if stride_in_1x1 else {}
         widths = [max(int(c * width), 1) for c in (64, 128, 256, 512)]
         self.stem = nn.Sequential(
             OrderedDict(
@@ -64,9 +71,8 @@ class ResNet(ConvNet):
             blocks = []
             for j in range(repeats):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(
-                    spec.block(in_ch, channels, stride, drop_path_rate * block_id / max(total - 1, 1))
-                )
+                drop_path = drop_path_rate * block_id / max(total - 1, 1)
+                blocks.append(spec.block(in_ch, channels, stride, drop_path, **extra))
                 in_ch = channels * spec.block.expansion
                 block_id += 1
             stages.append(nn.Sequential(*blocks))
@@ -75,6 +81,7 @@ class ResNet(ConvNet):
         self.final = nn.Identity()
         self.head = ClassifierHead(in_ch, num_classes, dropout=drop_rate)
         _init_weights(self, zero_init_residual)
+        set_bn_eps(self, bn_eps)
 
     def reference_names(self) -> NameMap:
         """torchvision's (and timm's) ``conv1/bn1``, ``layerN.B.convK/bnK``, ``downsample``, ``fc``."""

@@ -19,7 +19,13 @@ from cnnkit.api import create_model
 from cnnkit.data.classify import ClassificationDataset, read_label_csv, scan_image_folder, split_dataset
 from cnnkit.data.formats import layout_task
 from cnnkit.data.images import OutputNames, iter_frames
-from cnnkit.data.transforms import AugmentConfig, classify_eval_transform, classify_train_transform
+from cnnkit.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    classify_eval_transform,
+    classify_train_transform,
+)
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
@@ -27,6 +33,7 @@ from cnnkit.engine.freeze import count_parameters, freeze_base
 from cnnkit.engine.trainer import FitResult, fit
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
+from cnnkit.registry import expected_normalisation
 from cnnkit.tasks.base import Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.weights import read_metadata
@@ -59,10 +66,14 @@ class ClassifyOptions:
     data: str | None = option(None, "train/ + val/ class folders, one class-folder root, or a path,label CSV")
     val: str | None = option(None, "an explicit validation folder or CSV")
     val_fraction: float = option(0.2, "seeded validation split when the data has none")
-    model: str = option("resnet18", "a registered model name (cnnkit models)")
+    model: str | None = option(
+        None, "a registered model name (cnnkit models); default: --pretrained's model, else resnet18"
+    )
     model_args: dict[str, Any] | None = option(None, "JSON of builder arguments, e.g. '{\"width\": 0.5}'")
     pretrained: str | None = option(
-        None, "a cnnkit/torchvision/timm weights file, or a tag to download (cnnkit models --pretrained)"
+        None,
+        "a cnnkit/torchvision/timm/Keras weights file, or a tag to download (cnnkit models --pretrained); "
+        "the images are normalised as these weights expect",
     )
     freeze: bool = option(False, "freeze the base (BatchNorm in inference mode)")
     unfreeze_last: int = option(0, "base blocks (from the end) to train too")
@@ -129,6 +140,11 @@ def resolve_splits(
     return [data_samples[i] for i in train_idx], [data_samples[i] for i in val_idx], names
 
 
+def _normalisation(opts: ClassifyOptions) -> tuple[list[float], list[float]]:
+    """The mean and std of the pretrained weights (a Keras MobileNetV2 wants [-1, 1]), else ImageNet's."""
+    return expected_normalisation(opts.pretrained) or (list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
 @register_task("classify")
 class Classify(TaskSpec):
     help = "image classification (class folders or a path,label CSV)"
@@ -142,29 +158,32 @@ class Classify(TaskSpec):
     ) -> TaskData:
         train, val, found = resolve_splits(opts.data or ".", opts.val, opts.val_fraction, cfg.seed)
         augment = AugmentConfig(hflip=opts.fliplr, crop_fraction=opts.crop_fraction)
+        mean, std = _normalisation(opts)
         train_set = ClassificationDataset(
             train,
             found,
-            classify_train_transform(cfg.square, augment),
+            classify_train_transform(cfg.square, augment, tuple(mean), tuple(std)),
             source=f"{opts.data} (train)",
             strict=opts.strict,
         )
         val_set = ClassificationDataset(
             val,
             found,
-            classify_eval_transform(cfg.square, opts.crop_fraction),
+            classify_eval_transform(cfg.square, opts.crop_fraction, tuple(mean), tuple(std)),
             source=f"{opts.data} (val)",
             strict=opts.strict,
         )
         skipped = [*train_set.skipped.items, *val_set.skipped.items]
-        return TaskData(train_set, val_set, found, skipped, {"crop_fraction": opts.crop_fraction})
+        record = {"crop_fraction": opts.crop_fraction, "mean": mean, "std": std}
+        return TaskData(train_set, val_set, found, skipped, record)
 
     def labelled(self, dataset: ClassificationDataset) -> list[Labelled]:
         return [Labelled(path, [label]) for path, label in dataset.samples]
 
     def build_model(self, opts: ClassifyOptions, data: TaskData, cfg: TrainConfig) -> nn.Module:
         args = dict(opts.model_args or {})
-        return create_model(opts.model, num_classes=len(data.names or ()), weights=opts.pretrained, **args)
+        name = opts.model or (None if opts.pretrained else "resnet18")
+        return create_model(name, num_classes=len(data.names or ()), weights=opts.pretrained, **args)
 
     def objective(
         self,
@@ -239,7 +258,7 @@ class Classify(TaskSpec):
         the model's by name."""
         if not given:
             return self.build_data(opts, cfg, names)
-        transform = classify_eval_transform(cfg.square, opts.crop_fraction)
+        transform = classify_eval_transform(cfg.square, opts.crop_fraction, *map(tuple, _normalisation(opts)))
         data = Path(opts.data or ".")
         if data.is_dir() and (data / "train").is_dir():  # a dataset root: evaluate its validation split
             split = next((data / v for v in VAL_DIR_NAMES if (data / v).is_dir()), None)

@@ -144,7 +144,8 @@ class Predictor:
         self.weights, self.device, self.fast = str(weights), device, fast
         self.task = task_of(meta)
         self.spec = get_task(self.task)
-        self.names: list[str] = list(meta.get("class_names") or [])
+        count = int((meta.get("args") or {}).get("num_classes") or 0)  # a plain model's classes are numbered
+        self.names: list[str] = list(meta.get("class_names") or [str(i) for i in range(count)])
         self.metadata = meta
 
     def __call__(self, source: Any, **options: Any) -> list[Result]:

@@ -180,6 +180,8 @@ def val(
     recorded = options_from_record(spec, meta, str(weights))
     if data is None and not recorded.data:
         raise DataError(f"{weights} does not record its training data; pass --data")
+    if hasattr(recorded, "pretrained"):  # images are normalised as the evaluated weights record, not
+        recorded = dataclasses.replace(recorded, pretrained=str(weights))  # as their starting point was
     if data is not None:
         recorded = dataclasses.replace(recorded, data=str(data), **_drop_val(recorded))
     if options is None and spec.ValOptions is not None:
