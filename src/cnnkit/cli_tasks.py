@@ -15,6 +15,7 @@ from typing import Any
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.io import load_yaml
+from cnnkit.tasks.base import TTA
 from cnnkit.workflows.spec import (
     TaskSpec,
     add_dataclass_arguments,
@@ -134,7 +135,7 @@ def cmd_val(args: argparse.Namespace) -> int:
         options=_options(args, spec.ValOptions),
         out=args.out,
         name=args.name,
-        tta=args.tta,
+        tta=_tta(args),
         ensemble=args.ensemble,
     )
     if args.json:
@@ -186,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         fast=args.fast,
         options=_options(args, spec.PredictOptions),
-        tta=args.tta,
+        tta=_tta(args),
         ensemble=args.ensemble,
     ):
         if args.json:
@@ -198,6 +199,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tta(args: argparse.Namespace) -> bool | TTA:
+    return TTA(flip=args.tta, scales=tuple(args.tta_scales)) if args.tta_scales else bool(args.tta)
+
+
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", required=True, help="trained cnnkit weights (.safetensors, or an exported .onnx)"
@@ -206,7 +211,19 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
         "--tta", action="store_true", help="test-time augmentation: average each image with its mirror"
     )
     p.add_argument(
-        "--ensemble", nargs="+", default=[], metavar="W", help="more weights to average with --weights"
+        "--tta-scales",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="S",
+        help="test-time augmentation: also run each image resized by these factors (e.g. 0.83 1.17)",
+    )
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="W",
+        help="more weights to combine with --weights (detectors with other anchors or strides: box fusion)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)

@@ -87,6 +87,18 @@ class Detections:
         return self.scores.shape[0]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Decoded boxes pooled from several views (models of an ensemble, flipped or rescaled inputs):
+    ``boxes [B, N, 4]`` xyxy input pixels, ``scores [B, N, C]``, and ``view [N]``, which of the ``views``
+    each box came from. :func:`multiclass_nms` fuses them (weighted box fusion)."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    view: torch.Tensor
+    views: int
+
+
 def multiclass_nms(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -98,6 +110,8 @@ def multiclass_nms(
     agnostic: bool = False,
     max_candidates: int = 30000,
     box_format: BoxFormat = BoxFormat.XYXY,
+    view: torch.Tensor | None = None,
+    views: int = 1,
 ) -> list[Detections]:
     """Threshold and NMS for a batch of dense predictions: ``boxes [B, N, 4]`` xyxy, ``scores [B, N, C]``
     (already ``objectness x class probability``; any strides, e.g. a transposed ``[B, C, N]`` view).
@@ -109,6 +123,11 @@ def multiclass_nms(
     the cost follows the candidates, not ``N``. An anchor-free head's ``[B, 4 + C, N]`` output
     (ultralytics' layout) goes in as ``boxes=pred[:, :4].transpose(1, 2)``,
     ``scores=pred[:, 4:].transpose(1, 2)``, ``box_format=BoxFormat.CXCYWH``: no copy of the dense tensor.
+
+    Boxes pooled from several ``views`` (``view [N]``: each box's view; see :class:`Candidates`) are
+    fused, as weighted box fusion does (Solovyev et al. 2019): each box NMS keeps becomes the
+    score-weighted mean of the candidates of its class overlapping it by more than ``iou``, scored by the
+    mean over views of each view's best score among them (a view that missed the object counts 0).
     """
     out = []
     for b in range(boxes.shape[0]):
@@ -132,8 +151,39 @@ def multiclass_nms(
         elif box_format is not BoxFormat.XYXY:
             bx = convert(bx, box_format, BoxFormat.XYXY)
         keep = batched_nms(bx, sc, j, iou, agnostic=agnostic, max_det=max_det)
-        out.append(Detections(bx[keep], sc[keep], j[keep]))
+        if view is not None and views > 1 and len(keep):
+            fused, fused_scores = _fuse(bx, sc, j, view[i], keep, iou, views, agnostic)
+            order = fused_scores.argsort(descending=True)
+            out.append(Detections(fused[order], fused_scores[order], j[keep][order]))
+        else:
+            out.append(Detections(bx[keep], sc[keep], j[keep]))
     return out
+
+
+def _fuse(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    view: torch.Tensor,
+    keep: torch.Tensor,
+    iou: float,
+    views: int,
+    agnostic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept boxes fused with the candidates that overlap them (see :func:`multiclass_nms`)."""
+    overlaps = box_iou(boxes[keep].float(), boxes.float()) > iou  # [K, M]
+    if not agnostic:
+        overlaps &= classes[keep][:, None] == classes[None, :]
+    # each candidate joins one cluster: the first kept box (best first) it overlaps, the one that
+    # suppressed it; joining every overlapping cluster would lend an object's score to its neighbours
+    found = overlaps.any(0)
+    member = torch.zeros_like(overlaps)
+    member[overlaps.int().argmax(0)[found], found.nonzero(as_tuple=True)[0]] = True
+    weights = member * scores.float()[None, :]
+    fused = (weights @ boxes.float()) / weights.sum(1, keepdim=True)
+    best = weights.new_zeros(len(keep), views)
+    best.scatter_reduce_(1, view.expand(len(keep), -1), weights, reduce="amax")
+    return fused.to(boxes.dtype), best.sum(1) / views
 
 
 def soft_nms(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -108,26 +109,93 @@ def mean_sigmoid_logits(stacked: torch.Tensor) -> torch.Tensor:
     return torch.logit(stacked.sigmoid().mean(0), eps=1e-7)
 
 
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: each image also mirrored (``flip``) and resized by each of ``scales``
+    (1, the image as it is, always included); ``tta=True`` in the API is the mirror alone."""
+
+    flip: bool = True
+    scales: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def of(cls, value: bool | TTA | None) -> TTA | None:
+        if isinstance(value, TTA):
+            return value if value.flip or set(value.scales) != {1.0} else None
+        return cls() if value else None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(sorted({1.0, *map(float, self.scales)})))
+
+
+@dataclass(frozen=True)
+class View:
+    """One model's outputs on one view of the input: mirrored or not, at ``size`` (a rescaled input)."""
+
+    outputs: Any
+    model: nn.Module
+    flipped: bool
+    size: tuple[int, int]
+
+
 class Combined(nn.Module):
     """Several models of one task as one (an ensemble), each also run on the mirrored input with ``flip``
-    (test-time augmentation), their outputs brought back to the input's frame and averaged by the task
-    (:class:`Combines`)."""
+    and on the input rescaled by each of ``scales`` (test-time augmentation): the task's ``combine``
+    brings each :class:`View` back to the input's frame and merges them, or, for tasks without it,
+    ``unflip`` (and ``to_size`` for outputs that have one) and ``average`` (:class:`Combines`)."""
 
-    def __init__(self, models: Sequence[nn.Module], task: Any, flip: bool = False) -> None:
+    def __init__(
+        self, models: Sequence[nn.Module], task: Any, flip: bool = False, scales: Sequence[float] = (1.0,)
+    ) -> None:
         super().__init__()
-        missing = [n for n in ["average"] + ["unflip"] * flip if not hasattr(task, n)]
+        needed = ["average"] + ["unflip"] * flip + ["to_size"] * (set(scales) != {1.0})
+        missing = [n for n in needed if not hasattr(task, n) and not hasattr(task, "combine")]
         if missing:
-            what = "ensembles" if missing == ["average"] else "test-time augmentation"
+            what = {"average": "ensembles", "unflip": "test-time augmentation by mirroring",
+                    "to_size": "test-time augmentation by resizing"}[missing[0]]  # fmt: skip
             raise CnnkitError(f"{getattr(task, 'name', 'this task')} does not support {what}")
+        if any(not 0.25 <= s <= 4 for s in scales):
+            raise CnnkitError(f"test-time scales must be between 0.25 and 4, got {list(scales)}")
         self.members = nn.ModuleList(models)
-        self.task, self.flip = task, flip
+        self.task, self.flip, self.scales = task, flip, tuple(scales)
 
     def forward(self, x: torch.Tensor) -> Any:
-        outputs = [m(x) for m in self.members]
-        if self.flip:
-            mirrored = x.flip(-1)
-            outputs += [self.task.unflip(m(mirrored)) for m in self.members]
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        views = []
+        for scale in self.scales:
+            for m in self.members:
+                xs = x if scale == 1 else rescaled(x, scale, size_multiple(m))
+                at = (int(xs.shape[-2]), int(xs.shape[-1]))
+                views.append(View(m(xs), m, False, at))
+                if self.flip:
+                    views.append(View(m(xs.flip(-1)), m, True, at))
+        combine = getattr(self.task, "combine", None)
+        if combine is not None:
+            return combine(views, size)
+        outputs = []
+        for v in views:
+            out = self.task.unflip(v.outputs) if v.flipped else v.outputs
+            outputs.append(self.task.to_size(out, size) if v.size != size else out)
         return self.task.average(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def size_multiple(model: nn.Module) -> int:
+    """What an input side of ``model`` must be a multiple of: a detector's largest stride, a U-Net's
+    total downsampling; 1 otherwise (classifiers and localizers pool whatever size they get)."""
+    strides = getattr(model, "strides", None)
+    if strides:
+        return int(max(strides))
+    if hasattr(model, "total_stride"):
+        return int(model.total_stride)  # type: ignore[arg-type]
+    depth = getattr(getattr(model, "cfg", None), "depth", None)
+    return 2 ** int(depth) if depth is not None else 1
+
+
+def rescaled(x: torch.Tensor, scale: float, multiple: int) -> torch.Tensor:
+    """``x`` resized by ``scale`` (bilinear), each side rounded to a multiple of ``multiple``."""
+    h, w = (max(multiple, round(n * scale / multiple) * multiple) for n in x.shape[-2:])
+    return torch.nn.functional.interpolate(
+        x, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def to_uint8(

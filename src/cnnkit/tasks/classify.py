@@ -69,6 +69,9 @@ class ClassificationTask(ImageTask):
     def unflip(self, outputs: Any) -> Any:
         return outputs  # a class does not move
 
+    def to_size(self, outputs: Any, size: tuple[int, int]) -> Any:
+        return outputs  # nor with the input's size
+
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         images, labels = to_uint8(batch[0]), batch[1].tolist()
         if outputs is None:

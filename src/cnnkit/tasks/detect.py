@@ -36,11 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnkit.errors import CnnkitError
 from cnnkit.ops.boxes import box_iou, clip, complete_iou
-from cnnkit.ops.nms import Detections, multiclass_nms
+from cnnkit.ops.nms import Candidates, Detections, multiclass_nms
 from cnnkit.ops.yolo import decode_outputs, shape_iou
-from cnnkit.tasks.base import ImageTask, Logs, mean_sigmoid_logits, to_uint8
+from cnnkit.tasks.base import ImageTask, Logs, View, to_uint8
 from cnnkit.tasks.coco_eval import RECALL_THRESHOLDS, CocoEvaluator, CocoResult
 from cnnkit.viz import Shown, plot_confusion
 
@@ -169,33 +168,34 @@ class DetectionTask(ImageTask):
         logs = {"loss": per_image.item(), "box": box.item(), "obj": obj_loss.item(), "cls": cls.item()}
         return batch_size * per_image, logs  # the gradient scales with the batch (YOLOv5); the log does not
 
-    def postprocess(self, outputs: Sequence[torch.Tensor], **kwargs: Any) -> list[Detections]:
+    def postprocess(self, outputs: Sequence[torch.Tensor] | Candidates, **kwargs: Any) -> list[Detections]:
+        """Raw grids, or boxes pooled from several views (:meth:`combine`) and fused, -> detections."""
+        if isinstance(outputs, Candidates):
+            c = outputs
+            return multiclass_nms(c.boxes, c.scores, view=c.view, views=c.views, **kwargs)
         return postprocess(outputs, self.anchors, self.strides, **kwargs)
 
-    def average(self, outputs: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-        """Raw grids of detectors with these anchors and strides, averaged cell by cell: box offsets as
-        they are, objectness and classes as probabilities (returned as logits)."""
-        shapes = {tuple(tuple(o.shape) for o in out) for out in outputs}
-        if len(shapes) > 1:
-            raise CnnkitError(
-                "detectors combined must share their grids (strides, anchors per scale, classes)"
-            )
-        merged = []
-        for level in zip(*outputs):
-            stacked = torch.stack([o.float() for o in level])
-            scores = mean_sigmoid_logits(stacked[..., 4:])
-            merged.append(torch.cat([stacked[..., :4].mean(0), scores], -1))
-        return merged
+    def val_loss(self, outputs: Any, batch: Any) -> float | None:
+        return None if isinstance(outputs, Candidates) else super().val_loss(outputs, batch)
 
-    def unflip(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """A mirrored input's grids in the original frame: columns reversed and the centre offset
-        mirrored inside its cell (``sigmoid(t_x) -> 1 - sigmoid(t_x)``, i.e. ``t_x -> -t_x``)."""
-        back = []
-        for out in outputs:
-            out = out.flip(2).clone()
-            out[..., 0] = -out[..., 0]
-            back.append(out)
-        return back
+    def combine(self, views: Sequence[View], size: tuple[int, int]) -> Candidates:
+        """The boxes of every view (an ensemble's detectors, whatever their anchors and strides; mirrored
+        and resized inputs), each decoded with its model's anchors and brought back to the input's frame,
+        pooled for box fusion (:func:`~cnnkit.ops.nms.multiclass_nms`). Measured on the built-in digits
+        against averaging the grids cell by cell: the same mAP50 and a higher mAP."""
+        boxes, scores, which = [], [], []
+        for k, v in enumerate(views):
+            anchors = v.model.anchors.float()  # type: ignore[union-attr]
+            b, sc = decode_outputs([o.float() for o in v.outputs], anchors, v.model.strides)  # type: ignore[arg-type]
+            h, w = v.size
+            if v.flipped:  # x -> W - x
+                b = torch.stack([w - b[..., 2], b[..., 1], w - b[..., 0], b[..., 3]], -1)
+            if v.size != size:
+                b = b * b.new_tensor([size[1] / w, size[0] / h] * 2)
+            boxes.append(b)
+            scores.append(sc)
+            which.append(torch.full((b.shape[1],), k, dtype=torch.long, device=b.device))
+        return Candidates(torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(which), len(views))
 
     def show(self, batch: Any, outputs: Any = None, conf: float = 0.25, iou: float = 0.45) -> list[Shown]:
         """The letterboxed inputs with their boxes, or with the detections above ``conf``."""

@@ -71,6 +71,9 @@ class LocalizationTask(ImageTask):
         back[:, 1] = 1 - back[:, 1]  # b_x, a fraction of the width
         return back
 
+    def to_size(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return outputs  # fractions of the input's size
+
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each input with its box and class (none drawn without an object), or the predicted ones
         where the object is predicted present."""
@@ -180,6 +183,9 @@ class LandmarkTask(ImageTask):
 
     def average(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack([o.float() for o in outputs]).mean(0)
+
+    def to_size(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return outputs  # fractions of the input's size
 
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each input with its visible points, or with every predicted point."""

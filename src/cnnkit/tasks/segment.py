@@ -121,6 +121,12 @@ class SegmentationTask(ImageTask):
     def unflip(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.flip(-1)
 
+    def to_size(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits of a rescaled input brought to the input's size (bilinear, as the model upsamples)."""
+        return torch.nn.functional.interpolate(
+            outputs.float(), size=size, mode="bilinear", align_corners=False
+        )
+
     def show(self, batch: Any, outputs: Any = None) -> list[Shown]:
         """Each image with its mask or the predicted one; masks kept at full resolution (evaluation of
         images of their own sizes) are drawn over the image brought to that size."""

@@ -34,7 +34,7 @@ from cnnkit.engine.trainer import FitResult, fit
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.registry import expected_normalisation
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.weights import read_metadata
 from cnnkit.workflows.common import load_task_model
@@ -340,7 +340,7 @@ def predict(
     batch: int = 32,
     device: str = "auto",
     fast: bool = True,
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
     out: str | os.PathLike[str] | None = None,
 ) -> Iterable[Prediction]:

@@ -24,7 +24,7 @@ from cnnkit.engine.pictures import draw_predictions
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import OnnxModel, prepare
 from cnnkit.io import atomic_path
-from cnnkit.tasks.base import Combined, Task
+from cnnkit.tasks.base import TTA, Combined, Task
 from cnnkit.weights import read_metadata, task_of
 
 log = logging.getLogger("cnnkit")
@@ -34,14 +34,16 @@ def load_task_model(
     weights: str | os.PathLike[str],
     task: str,
     *,
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model in eval mode and its metadata; refuses weights of another task. ``ensemble``:
-    more weights of the same task and classes, averaged with it; ``tta``: each also run on the mirrored
-    image (for weights trained with flips; see :class:`~cnnkit.tasks.base.Combined`)."""
-    if tta or ensemble:
-        return _combined(weights, task, tta, ensemble)
+    more weights of the same task and classes, combined with it; ``tta``: each also run on the mirrored
+    image (for weights trained with flips) and, with a :class:`~cnnkit.tasks.base.TTA`, on resized
+    copies (see :class:`~cnnkit.tasks.base.Combined`)."""
+    augment = TTA.of(tta)
+    if augment or ensemble:
+        return _combined(weights, task, augment, ensemble)
     meta = read_metadata(weights)
     if "model" not in meta:
         raise CnnkitError(
@@ -56,7 +58,10 @@ def load_task_model(
 
 
 def _combined(
-    weights: str | os.PathLike[str], task: str, tta: bool, ensemble: Sequence[str | os.PathLike[str]]
+    weights: str | os.PathLike[str],
+    task: str,
+    tta: TTA | None,
+    ensemble: Sequence[str | os.PathLike[str]],
 ) -> tuple[nn.Module, dict[str, Any]]:
     from cnnkit.tasks.classify import ClassificationTask
     from cnnkit.tasks.detect import DetectionTask
@@ -70,11 +75,7 @@ def _combined(
         for key in ("class_names", "imgsz", "mean", "std"):
             if theirs.get(key) != meta.get(key):
                 raise CnnkitError(f"--ensemble {other}: its {key} differs from {weights}'s")
-        if task == "detect" and not torch.equal(member.anchors, model.anchors):  # type: ignore[arg-type]
-            raise CnnkitError(
-                f"--ensemble {other}: its anchors differ from {weights}'s (use the same --anchors)"
-            )
-        members.append(member)
+        members.append(member)  # detectors with other anchors or strides: their boxes are fused
     classes = len(meta.get("class_names") or []) or 1
     combiner: Any = {
         "classify": lambda: ClassificationTask(classes),
@@ -83,8 +84,9 @@ def _combined(
         "localize": lambda: LocalizationTask(classes),
         "landmarks": lambda: LandmarkTask(int(meta.get("num_points") or 1)),
     }[task]()
-    combined = Combined(members, combiner, flip=tta).eval()
-    if tta and not float((meta.get("options") or {}).get("fliplr") or 0):
+    flip, scales = (tta.flip, tta.scales) if tta else (False, (1.0,))
+    combined = Combined(members, combiner, flip=flip, scales=scales).eval()
+    if flip and not float((meta.get("options") or {}).get("fliplr") or 0):
         raise CnnkitError(
             f"--tta averages each image with its mirror, but {weights} was trained without flips "
             "(fliplr 0: a mirrored image need not be the same class here, as for digits)"

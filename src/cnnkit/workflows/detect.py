@@ -32,7 +32,7 @@ from cnnkit.inference import OnnxModel, prepare
 from cnnkit.models.yolo import Neck
 from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.viz import box_colour
 from cnnkit.workflows.common import load_task_model, normalise
@@ -257,7 +257,7 @@ def predict(
     agnostic: bool = False,
     device: str = "auto",
     fast: bool = True,
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[DetPrediction]:
     """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
@@ -304,9 +304,7 @@ def detector_input(
 def _detections(
     task: DetectionTask, conf: float, iou: float, max_det: int, agnostic: bool, outputs: Any
 ) -> Detections:
-    return task.postprocess(
-        [o.float() for o in outputs], conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
-    )[0]
+    return task.postprocess(outputs, conf=conf, iou=iou, max_det=max_det, agnostic=agnostic)[0]
 
 
 def _onnx_detections(

@@ -24,7 +24,7 @@ from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
 from cnnkit.inference import prepare
 from cnnkit.ops.boxes import clip
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
 from cnnkit.workflows.common import load_task_model, preprocess
 from cnnkit.workflows.spec import Labelled, PredictRecord, TaskData, TaskSpec, option, register_task
@@ -250,7 +250,7 @@ def predict(
     threshold: float = 0.5,
     device: str = "auto",
     fast: bool = True,
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[LocPrediction]:
     """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""

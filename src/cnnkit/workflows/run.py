@@ -26,6 +26,7 @@ from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.loops import check_trainable
 from cnnkit.engine.trainer import FitResult, new_run_dir, seed_everything
 from cnnkit.errors import CnnkitError, DataError
+from cnnkit.tasks.base import TTA
 from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows.common import (
     evaluate_dataset,
@@ -162,7 +163,7 @@ def val(
     fast: bool = True,
     out: str | os.PathLike[str] | None = None,
     name: str = "exp",
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> ValReport:
     """Evaluate trained ``weights`` on ``data`` (default: the validation split the training used, by the

@@ -31,7 +31,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import select_device
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import prepare
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
 from cnnkit.viz import color_map, draw_overlay
 from cnnkit.workflows.common import load_task_model, names_of, preprocess
@@ -174,7 +174,7 @@ def predict(
     device: str = "auto",
     alpha: float = 0.5,
     fast: bool = True,
-    tta: bool = False,
+    tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[SegmentPrediction]:
     """Segment images (files, folders, globs) one at a time, at their own size.
