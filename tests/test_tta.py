@@ -142,6 +142,10 @@ def test_val_and_predict_take_tta_and_ensembles(segmenters: tuple[Path, Path, Pa
     image = sorted((data / "images" / "val").iterdir())[0]
     (one,) = run.predict(first, [image], tta=True, ensemble=[second])
     assert one.arrays["mask"].shape == (48, 64)
+    resized = run.val(first, workers=0, tta=TTA(flip=False, scales=(1.25,))).metrics
+    assert set(resized) == set(plain) and resized != plain
+    (r,) = cnnkit.load(first, tta=TTA(scales=(0.75, 1.25)), ensemble=[second])(image)
+    assert r.mask is not None and r.mask.shape == (48, 64)
 
 
 def test_detectors_with_other_anchors_and_strides_combine(tmp_path: Path, cnnkit_cli: Any) -> None:

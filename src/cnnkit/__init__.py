@@ -12,6 +12,7 @@ model("photo.jpg")[0].topk                           # paths, folders, globs, PI
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cnnkit.api import (
@@ -77,9 +78,17 @@ def val(
     return run.val(weights, data, options=given, **options)
 
 
-def load(weights: str | os.PathLike[str], device: str = "auto", fast: bool = True) -> Predictor:
+def load(
+    weights: str | os.PathLike[str],
+    device: str = "auto",
+    fast: bool = True,
+    *,
+    tta: Any = False,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
+) -> Predictor:
     """A predictor for trained ``weights`` of any task (``.safetensors``, or an exported ``.onnx``): call it
-    on images (see :class:`cnnkit.workflows.predictor.Predictor`)."""
+    on images (see :class:`cnnkit.workflows.predictor.Predictor`). ``tta``: True (mirror) or a
+    :class:`~cnnkit.tasks.base.TTA`; ``ensemble``: more weights combined with these."""
     from cnnkit.workflows.predictor import Predictor
 
-    return Predictor(weights, device, fast)
+    return Predictor(weights, device, fast, tta=tta, ensemble=ensemble)

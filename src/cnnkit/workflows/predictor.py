@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cnnkit.data.images import iter_frames
 from cnnkit.engine.config import config_from_dict
 from cnnkit.errors import CnnkitError
 from cnnkit.io import atomic_path
+from cnnkit.tasks.base import TTA
 from cnnkit.viz import Shown, draw_tile
 from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows import run
@@ -139,9 +141,18 @@ class Predictor:
     task's predict options (``conf=``, ``iou=``, ``topk=``...). ``fast``: the fast inference path
     (folded BatchNorm, reduced-precision autocast where the device has it); False: plain fp32."""
 
-    def __init__(self, weights: str | os.PathLike[str], device: str = "auto", fast: bool = True) -> None:
+    def __init__(
+        self,
+        weights: str | os.PathLike[str],
+        device: str = "auto",
+        fast: bool = True,
+        *,
+        tta: bool | TTA = False,
+        ensemble: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
         meta = read_metadata(weights)
         self.weights, self.device, self.fast = str(weights), device, fast
+        self.combine: dict[str, Any] = {"tta": tta, "ensemble": list(ensemble)}
         self.task = task_of(meta)
         self.spec = get_task(self.task)
         count = int((meta.get("args") or {}).get("num_classes") or 0)  # a plain model's classes are numbered
@@ -157,7 +168,9 @@ class Predictor:
         if options and cls is None:
             raise CnnkitError(f"{self.task} predictions take no options; got {sorted(options)}")
         results = []
-        for record in run.predict(self.weights, frames, options=chosen, device=self.device, fast=self.fast):
+        for record in run.predict(
+            self.weights, frames, options=chosen, device=self.device, fast=self.fast, **self.combine
+        ):
             name = record.data["path"]
             results.append(Result(self.task, name, images[name], record.data, self.names, record.arrays))
         return results
