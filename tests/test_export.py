@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +177,20 @@ def test_predict_reads_video_frames(classifier: Path, tmp_path: Path) -> None:
 
 
 def test_benchmark_command_prints_every_runtime(cnnkit_cli: CliRun) -> None:
-    proc = cnnkit_cli("benchmark", "resnet18", "--imgsz", "32", "--batch", "2", "--repeats", "2")
-    for runtime in ("pytorch fp32", "fast path fp32", "torchscript", "matmul peak"):
+    proc = cnnkit_cli("benchmark", "resnet18", "--imgsz", "32", "--batch", "2", "--repeats", "3")
+    for runtime in ("pytorch fp32", "fast path fp32", "torchscript", "matmul peak", "median (min-max)"):
         assert runtime in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if " ms (" in line]
+    for row in rows:  # median within its min-max spread
+        mid, lo, hi = (float(v) for v in re.findall(r"([\d.]+) ms \(([\d.]+)-([\d.]+)\)", row)[0])
+        assert lo <= mid <= hi
+    above = [row for row in rows if "%" in row and float(row.split("%")[0].split()[-1]) > 100]
+    assert all(row.rstrip().endswith("*") for row in above)
+    assert not above or "Winograd" in proc.stdout
+
+
+def test_export_prints_one_line(classifier: Path, cnnkit_cli: CliRun, tmp_path: Path) -> None:
+    """The result, once: none of the exporter's pass-by-pass chatter."""
+    proc = cnnkit_cli("export", "--weights", str(classifier), "--out", str(tmp_path / "m.onnx"))
+    assert len(proc.stdout.splitlines()) == 1 and "max difference from PyTorch" in proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr

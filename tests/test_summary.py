@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from torch import nn
 
 import cnnkit
@@ -49,3 +52,21 @@ def test_cli_summary_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "parameters 3,504,872" in out and "multiply-adds 300.77M" in out
     assert main(["summary", "resnet5"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_summary_of_a_weights_file_and_of_sizes_that_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weights file is summarised at its training size; a size the model cannot take names what it
+    takes (a valid U-Net's nearest sizes, Inception v3's smallest) instead of a kernel-size error."""
+    model = cnnkit.create_model("resnet18", num_classes=3, width=0.25)
+    cnnkit.save_weights(model, tmp_path / "w.safetensors", {"task": "classify", "imgsz": 48})
+    assert main(["summary", str(tmp_path / "w.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "input 3x48x48" in out and f"parameters {sum(p.numel() for p in model.parameters()):,}" in out
+    assert main(["summary", "unet", "--imgsz", "64"]) == 2
+    assert "sizes that work near 64: [188, 204, 220]" in capsys.readouterr().err
+    assert main(["summary", "inception_v3", "--imgsz", "64"]) == 2
+    assert "an input of 64x64 px is too small; it takes 75 px and more" in capsys.readouterr().err
+    with pytest.raises(cnnkit.CnnkitError, match="googlenet: an input of 14x14 px is too small"):
+        cnnkit.create_model("googlenet").forward_with_aux(torch.zeros(1, 3, 14, 14))

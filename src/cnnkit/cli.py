@@ -38,12 +38,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cnnkit import create_model
     from cnnkit.summary import summarize
+    from cnnkit.weights import max_side, read_metadata
 
-    model = create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes)
-    imgsz = args.imgsz or getattr(model, "default_imgsz", 224)
-    print(summarize(model, imgsz, args.in_chans).table())
+    if Path(args.model).is_file():  # a weights file: its model, classes and training size
+        model = create_model(None, weights=args.model)
+        trained = read_metadata(args.model).get("imgsz")
+        imgsz = args.imgsz or (tuple(trained) if isinstance(trained, list) else max_side(trained)) or 224
+        in_chans = int(getattr(model, "cnnkit_config", {}).get("args", {}).get("in_chans", 3))
+    else:
+        model = create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes)
+        imgsz, in_chans = args.imgsz or getattr(model, "default_imgsz", 224), args.in_chans
+    print(summarize(model, imgsz, in_chans).table())
     return 0
 
 
@@ -144,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="per-layer shapes, receptive fields, parameters and MACs")
-    p.add_argument("model")
+    p.add_argument(
+        "model", help="a registered model name, or a weights file (its model at its training size)"
+    )
     p.add_argument("--imgsz", type=_imgsz, default=None, help="input size N or HxW (default: the model's)")
     p.add_argument("--in-chans", type=int, default=3, help="input channels")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -199,7 +200,7 @@ def export(
         raise CnnkitError(f"format must be 'onnx' or 'torchscript', got {format!r}")
     diff = _diff(ours, reference)
     result = ExportResult(path, format, diff, tolerance, names, time.perf_counter() - start)
-    log.info(
+    log.debug(  # the command line prints the result once
         "exported %s (%d BatchNorms folded) to %s; max difference %.2e", meta["model"], folded, path, diff
     )
     if diff > tolerance:
@@ -208,6 +209,23 @@ def export(
             f"{tolerance:.0e}; the file is kept for inspection"
         )
     return result
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence the ONNX exporter's progress chatter: its prints, warnings and the INFO logs of its graph
+    passes ("No unused functions to remove"...); its errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _export_onnx(
@@ -222,8 +240,7 @@ def _export_onnx(
 ) -> list[torch.Tensor]:
     _, ort = require_onnx()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's chatter
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         if nms:  # a custom op symbolic: the TorchScript-based exporter
             axes = {"images": {0: "batch"}, "detections": {0: "detections"}} if dynamic_batch else None
             torch.onnx.export(

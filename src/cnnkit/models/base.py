@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnkit.errors import CnnkitError
+
 #: Module names of a reference implementation (torchvision's) -> this model's: a family's explicit key
 #: map for loading foreign weights (the longest matching prefix of a tensor name is replaced).
 NameMap = dict[str, str]
@@ -106,9 +108,22 @@ class ConvNet(nn.Module):
     feature_info: list[FeatureInfo]
     #: Names (prefixes) of modules whose weights depend on the number of classes.
     classifier_modules: tuple[str, ...] = ("head.fc",)
+    #: The smallest input side the network takes (unpadded convolutions and pools shrink the maps).
+    min_input_size: int = 1
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse an input too small for the network, naming the size it takes (instead of a kernel-size
+        error from deep inside)."""
+        h, w = x.shape[-2:]
+        if min(h, w) < self.min_input_size:
+            name = getattr(self, "cnnkit_config", {}).get("name", type(self).__name__)
+            raise CnnkitError(
+                f"{name}: an input of {h}x{w} px is too small; it takes {self.min_input_size} px and more"
+            )
 
     def forward_stages(self, x: torch.Tensor, indices: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """Feature maps at the output of each stage (or of the stages in ``indices``), shallow to deep."""
+        self.check_input(x)
         wanted = set(range(len(self.stages))) if indices is None else set(indices)
         outs = []
         x = self.stem(x)
@@ -122,6 +137,7 @@ class ConvNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, before pooling: ``[B, C_in, H, W] -> [B, num_features, H/32, W/32]``."""
+        self.check_input(x)
         return self.final(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

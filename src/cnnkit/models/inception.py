@@ -119,6 +119,7 @@ class AuxConvNet(ConvNet):
         """Main logits and the auxiliary logits (empty when the model has no aux heads)."""
         if len(self.aux) == 0:
             return self.forward(x), []
+        self.check_input(x)
         if self.transform_input:
             x = _transform_input(x)
         taps = dict(zip(self.aux_taps, self.aux.values()))
@@ -166,6 +167,8 @@ class AuxConvNet(ConvNet):
 
 class GoogLeNet(AuxConvNet):
     """GoogLeNet: conv stem, nine inception modules in three resolutions, aux heads after 4a and 4d."""
+
+    min_input_size = 15
 
     def __init__(
         self,
@@ -344,6 +347,8 @@ class InceptionV3Aux(nn.Module):
 
 class InceptionV3(AuxConvNet):
     """Inception v3 at 299x299: valid-conv stem, 3x A, B, 4x C, D, 2x E, optional aux head after C."""
+
+    min_input_size = 75
 
     def __init__(
         self,

@@ -141,9 +141,10 @@ class UNet(nn.Module):
         return n
 
     def valid_sizes(self, near: int, count: int = 3) -> list[int]:
-        """Input sizes near ``near`` that a 'valid' U-Net accepts."""
-        found = []
-        for delta in range(0, 4 * self.stride):
+        """Input sizes nearest ``near`` that a 'valid' U-Net accepts (a small ``near`` gets the smallest
+        that work: each level's two unpadded convolutions eat pixels, so inputs start near 140)."""
+        found: list[int] = []
+        for delta in range(0, max(near, 64 * self.stride)):
             for n in (near - delta, near + delta):
                 if n > 0 and n not in found:
                     try:

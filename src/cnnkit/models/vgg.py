@@ -23,6 +23,8 @@ VGG_WIDTHS = (64, 128, 256, 512, 512)
 class VGG(ConvNet):
     """Five stages of 3x3 convolutions (+ optional BatchNorm) and max-pool, then 4096-4096-classes."""
 
+    min_input_size = 32
+
     def __init__(
         self,
         depths: tuple[int, ...],
