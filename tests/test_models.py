@@ -317,3 +317,35 @@ def test_timm_checkpoints_load_and_match(timm_name: str, name: str, tmp_path: Pa
         cnnkit.save_weights(model, tmp_path / "cnnkit.safetensors")
         again = cnnkit.create_model(None, weights=tmp_path / "cnnkit.safetensors").eval()
         assert (again(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@cnnkit.registry.register_model("user_net_for_tests")
+def _user_net(num_classes: int = 10, in_chans: int = 3, width: int = 8) -> nn.Module:
+    """A model of the user's own shape (no stages, no head attribute), registered as users do."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
+    )  # fmt: skip
+
+
+def test_a_registered_model_trains_validates_predicts_exports_and_fine_tunes(
+    digits_0_4: Path, digits_5_9: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from cnnkit.export import export
+
+    quick = {"epochs": 1, "imgsz": 32, "workers": 0, "quiet": True, "project": tmp_path}
+    first = cnnkit.train(
+        "classify", digits_0_4, model="user_net_for_tests", model_args={"width": 12}, **quick
+    )
+    assert set(cnnkit.val(first.best).metrics) >= {"top1", "val_loss"}
+    image = sorted((digits_0_4 / "val").rglob("*.png"))[0]
+    (r,) = cnnkit.load(first.best)(image)
+    assert r.labels[0] in {"zero", "one", "two", "three", "four"}
+    onnx = export(first.best, "onnx", out=tmp_path / "user.onnx")
+    assert onnx.max_diff < 1e-4 and cnnkit.load(onnx.path)(image)[0].labels == r.labels
+    # transfer: the old classifier (its last Linear) is left out, the base frozen but for the head
+    second = cnnkit.train("classify", digits_5_9, pretrained=str(first.best), freeze=True, **quick)
+    assert 0 < second.trainable_params < second.frozen_params + second.trainable_params
+    assert cnnkit.weights.read_metadata(second.best)["args"]["width"] == 12

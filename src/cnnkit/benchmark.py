@@ -167,7 +167,7 @@ def _onnx_session(net: nn.Module, example: torch.Tensor) -> Any:
     except ImportError:
         return None
     path = Path(tempfile.mkdtemp()) / "model.onnx"
-    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},)  # by position: any forward argument name
     with quiet_exporter():
         try:
             program = torch.onnx.export(

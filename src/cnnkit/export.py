@@ -254,7 +254,8 @@ def _export_onnx(
                 dynamic_axes=axes,
             )
         else:
-            shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            shapes = ({0: batch},) if dynamic_batch else None  # by position: any forward argument name
             program = torch.onnx.export(
                 net,
                 (example,),

@@ -237,7 +237,7 @@ def load_weights(
             src = _registration_order(src, reference or getattr(model, "cnnkit_config", {}).get("name"), name)
     if foreign and "conv_stem.weight" in src:  # timm's EfficientNet/MobileNet family naming
         _use_bn_eps(model, TIMM_BN_EPS, report)
-    head = tuple(getattr(model, "classifier_modules", ()))
+    head = tuple(getattr(model, "classifier_modules", ())) or _last_linear(model)
     pairs = _pair_keys(target, src, report, name, head)
     new_sd: StateDict = {}
     mismatched = []
@@ -267,6 +267,12 @@ def load_weights(
     for message in messages[1:]:
         log.info("%s: %s", name, message)
     return report
+
+
+def _last_linear(model: nn.Module) -> tuple[str, ...]:
+    """The classifier of a model that does not name it (one registered by the user): its last Linear."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return tuple(names[-1:])
 
 
 TIMM_BN_EPS = 1e-5  # timm builds its EfficientNet/MobileNet family with PyTorch's default epsilon
@@ -373,7 +379,7 @@ def _by_family_map(model: nn.Module, src: StateDict) -> StateDict | None:
         if new is None:
             return None
         renamed[new] = value
-    head = tuple(getattr(model, "classifier_modules", ()))
+    head = tuple(getattr(model, "classifier_modules", ())) or _last_linear(model)
 
     def body(keys: Iterable[str]) -> set[str]:  # the tensors outside classifiers and side heads
         return {k for k in _split(list(keys))[0] if not any(k.startswith(h + ".") for h in head)}

@@ -22,11 +22,19 @@ __all__ = ["FrozenBatchNorm2d", "backbone_blocks", "count_parameters", "freeze_b
 def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The base network as an ordered list of named blocks (stem, each block of each stage, final).
 
-    ``--unfreeze-last N`` counts from the end of this list; the head is never part of it.
+    ``--unfreeze-last N`` counts from the end of this list; the head is never part of it. A model of
+    another shape (one registered by the user) has its top-level children with parameters as blocks,
+    the last being its classifier (the head).
     """
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise CnnkitError(f"{type(model).__name__} has no stages; freeze it by module names instead")
+        children = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+        if len(children) < 2:
+            raise CnnkitError(
+                f"{type(model).__name__} has no blocks to freeze (no stages, one child with parameters); "
+                "freeze its parameters yourself (requires_grad_(False))"
+            )
+        return children[:-1]
     stem, final = model.stem, model.final
     assert isinstance(stem, nn.Module) and isinstance(final, nn.Module)
     blocks: list[tuple[str, nn.Module]] = [("stem", stem)]
