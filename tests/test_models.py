@@ -349,3 +349,37 @@ def test_a_registered_model_trains_validates_predicts_exports_and_fine_tunes(
     second = cnnkit.train("classify", digits_5_9, pretrained=str(first.best), freeze=True, **quick)
     assert 0 < second.trainable_params < second.frozen_params + second.trainable_params
     assert cnnkit.weights.read_metadata(second.best)["args"]["width"] == 12
+
+
+def test_any_timm_model_is_a_backbone_for_every_task(tmp_path: Path, digits_0_4: Path) -> None:
+    """``timm/NAME`` classifies, feeds a detector's neck, a U-Net's decoder and a localizer's head, and
+    loads timm's own weights from a local file (the levels equal the timm model's stages)."""
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 64, 64)
+    model = cnnkit.create_model("timm/convnext_atto", num_classes=4).eval()
+    assert model(x).shape == (1, 4) and [(f.channels, f.stride) for f in model.feature_info] == [
+        (40, 4), (80, 8), (160, 16), (320, 32)
+    ]  # fmt: skip
+    levels = cnnkit.create_model("timm/convnext_atto", features_only=True, out_indices=(1, 2))(x)
+    assert [t.shape[1:] for t in levels] == [(80, 8, 8), (160, 4, 4)]
+    assert cnnkit.create_model("unet_timm/resnet18", num_classes=3)(x).shape == (1, 3, 64, 64)
+    yolo = cnnkit.create_model("yolo", num_classes=3, backbone="timm/mobilenetv3_small_100", strides=(8, 16))
+    assert [o.shape[1:3] for o in yolo(x)] == [(8, 8), (4, 4)]
+    assert cnnkit.create_model("localizer", num_classes=2, backbone="timm/resnet18")(x).shape == (1, 7)
+    with pytest.raises(cnnkit.CnnkitError, match="timm/not_a_model: Unknown model"):
+        cnnkit.create_model("timm/not_a_model")
+
+    reference = timm.create_model("convnext_atto").eval()
+    torch.save(reference.state_dict(), tmp_path / "convnext_atto.pth")
+    loaded = cnnkit.create_model("timm/convnext_atto", weights=tmp_path / "convnext_atto.pth").eval()
+    with torch.no_grad():
+        expected = reference.stages(reference.stem(x))
+        torch.testing.assert_close(loaded.forward_features(x), expected)
+    assert loaded.cnnkit_config["args"] == {}  # rebuilt without timm's file once trained weights exist
+    result = cnnkit.train(
+        "classify", digits_0_4, model="timm/convnext_atto", pretrained=str(tmp_path / "convnext_atto.pth"),
+        epochs=1, imgsz=32, workers=0, quiet=True, project=tmp_path,
+    )  # fmt: skip
+    assert cnnkit.weights.read_metadata(result.best)["model"] == "timm/convnext_atto"
+    image = sorted((digits_0_4 / "val").rglob("*.png"))[0]
+    assert len(cnnkit.load(result.best)(image)[0].labels) == 1

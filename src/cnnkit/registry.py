@@ -56,6 +56,10 @@ def list_models(pattern: str | None = None) -> list[str]:
 def get_builder(name: str) -> ModelBuilder:
     """The builder registered as ``name``; an unknown name errors with the closest names."""
     _ensure_zoo_loaded()
+    if name.startswith(("timm/", "unet_timm/")):  # any timm model, as a backbone or a U-Net encoder
+        from cnnkit.models.timm_backbone import timm_builder
+
+        return timm_builder(name)  # type: ignore[no-any-return]
     try:
         return _MODELS[name]
     except KeyError:
@@ -106,7 +110,13 @@ def create_model(
     """
     meta: dict[str, Any] = {}
     path: Path | None = None
-    if name is not None and "." in name and name not in list_models():  # a tag names its model (as timm)
+    hidden: dict[str, Any] = {}  # build arguments not recorded (timm's weights: the file holds them)
+    if name is not None and name.startswith("timm/") and (pretrained or _foreign(weights)):
+        hidden = {"pretrained": True} | (
+            {"checkpoint": str(weights)} if weights not in (None, "timm") else {}
+        )
+        pretrained, weights = False, None
+    elif name is not None and "." in name and name not in list_models():  # a tag names its model (timm's)
         tagged = find_pretrained(name)
         name, pretrained = tagged.model, tagged.tag if pretrained is True else pretrained
     entry = _pretrained_entry(name, pretrained, weights)
@@ -140,7 +150,7 @@ def create_model(
     if path is not None and keras is None and meta.get("model") == name:
         _check_size(name, builder, args, path)
     try:
-        model = builder(**args)
+        model = builder(**args, **hidden)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, TypeError) and "unexpected keyword" not in str(exc):
             raise
@@ -162,6 +172,14 @@ def create_model(
             raise CnnkitError(f"{name} has no stages to extract features from")
         return FeatureExtractor(model, out_indices)
     return model
+
+
+def _foreign(weights: str | os.PathLike[str] | None) -> bool:
+    """Weights that are not a cnnkit file (for a timm backbone: ``"timm"``, or a timm checkpoint)."""
+    if weights is None:
+        return False
+    path = Path(weights)
+    return not (path.suffix == ".safetensors" and path.is_file() and "model" in read_metadata(path))
 
 
 def _pretrained_entry(

@@ -185,14 +185,20 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, model: ConvNet, out_indices: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        n = len(model.stages)
+        n = len(model.feature_info)
         self.out_indices = tuple(range(n)) if out_indices is None else tuple(i % n for i in out_indices)
-        last = max(self.out_indices)
-        self.stem = model.stem
-        self.stages = nn.Sequential(*list(model.stages)[: last + 1])
         self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        features_of = getattr(model, "features_of", None)
+        if features_of is not None:  # a wrapped backbone (timm's) returns its levels itself
+            self.levels: nn.Module | None = features_of(self.out_indices)
+            return
+        self.levels = None
+        self.stem = model.stem
+        self.stages = nn.Sequential(*list(model.stages)[: max(self.out_indices) + 1])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.levels is not None:
+            return self.levels(x)  # type: ignore[no-any-return]
         outs = []
         x = self.stem(x)
         for i, stage in enumerate(self.stages):
