@@ -75,6 +75,10 @@ class ClassifyOptions:
         "a cnnkit/torchvision/timm/Keras weights file, or a tag to download (cnnkit models --pretrained); "
         "the images are normalised as these weights expect",
     )
+    mean: tuple[float, ...] | None = option(
+        None, "normalisation mean of [0, 1] RGB pixels (default: what --pretrained expects, else ImageNet's)"
+    )
+    std: tuple[float, ...] | None = option(None, "normalisation std, with --mean")
     freeze: bool = option(False, "freeze the base (BatchNorm in inference mode)")
     unfreeze_last: int = option(0, "base blocks (from the end) to train too")
     trainable: tuple[str, ...] = option((), "base layers to train by name (e.g. stages.3)")
@@ -141,7 +145,14 @@ def resolve_splits(
 
 
 def _normalisation(opts: ClassifyOptions) -> tuple[list[float], list[float]]:
-    """The mean and std of the pretrained weights (a Keras MobileNetV2 wants [-1, 1]), else ImageNet's."""
+    """The mean and std given, else those of the pretrained weights (a Keras MobileNetV2 wants [-1, 1]),
+    else ImageNet's."""
+    if (opts.mean is None) != (opts.std is None) or len(opts.mean or (0,) * 3) != len(opts.std or (0,) * 3):
+        raise DataError(f"--mean and --std go together, one value per channel; got {opts.mean}, {opts.std}")
+    if opts.mean is not None and opts.std is not None:
+        if min(opts.std) <= 0:
+            raise DataError(f"--std must be positive, got {list(opts.std)}")
+        return list(opts.mean), list(opts.std)
     return expected_normalisation(opts.pretrained) or (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 

@@ -181,8 +181,6 @@ def val(
     recorded = options_from_record(spec, meta, str(weights))
     if data is None and not recorded.data:
         raise DataError(f"{weights} does not record its training data; pass --data")
-    if hasattr(recorded, "pretrained"):  # images are normalised as the evaluated weights record, not
-        recorded = dataclasses.replace(recorded, pretrained=str(weights))  # as their starting point was
     if data is not None:
         recorded = dataclasses.replace(recorded, data=str(data), **_drop_val(recorded))
     if options is None and spec.ValOptions is not None:
@@ -263,6 +261,8 @@ def options_from_record(spec: TaskSpec, meta: dict[str, Any], source: str) -> An
     places (flat keys, nested ``augment``/``transfer`` dicts, the model's build arguments), gathered here."""
     fields = {f.name for f in dataclasses.fields(spec.Options)}
     stored = dict(meta.get("options") or {})
+    if {"mean", "std"} <= fields and "mean" in meta and "std" in meta:  # as the run normalised, whatever
+        stored.update(mean=meta["mean"], std=meta["std"])  # its --pretrained expects (or has become)
     if fields <= set(stored):  # written by this release: every field, and nothing unknown
         return config_from_dict(spec.Options, stored, f"{source}: options")
     values: dict[str, Any] = {}
