@@ -112,12 +112,16 @@ def test_resume_mistakes(trained_run: Path, tmp_path: Path, capsys: pytest.Captu
     one_line_error(capsys, ["train", "classify", "--resume", str(tmp_path / "nothing")], "does not exist")
 
 
-def test_resume_extends_the_epochs(trained_run: Path, tmp_path: Path) -> None:
+def test_resume_extends_the_epochs(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert main(["train", "classify", "--resume", str(run), "--epochs", "2", "--workers", "0"]) == 0
+    with caplog.at_level("INFO", logger="cnnkit"):
+        assert main(["train", "classify", "--resume", str(run), "--epochs", "2", "--workers", "0"]) == 0
+    assert "the learning-rate schedule is recomputed for 2 epochs" in caplog.text
     rows = (run / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     with safe_open(str(run / "weights" / "last.safetensors"), framework="pt") as f:

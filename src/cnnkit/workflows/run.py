@@ -130,7 +130,11 @@ def resume(
             f"epochs {changes['epochs']}: {run} has already trained {done}; give more to extend it"
         )
     if "epochs" in changes:
-        log.info("extending %s from %d to %d epochs", run, cfg.epochs, changes["epochs"])
+        log.info(
+            "extending %s from %d to %d epochs: the learning-rate schedule is recomputed for %d epochs "
+            "(its decay stretched to the new length), continuing from epoch %d",
+            run, cfg.epochs, changes["epochs"], changes["epochs"], done,
+        )  # fmt: skip
     cfg = cfg.replace(**changes)
     meta["train_config"] = {**meta["train_config"], **changes}
     spec = get_task(meta["task"])
