@@ -165,10 +165,13 @@ def test_import_keras_writes_weights_that_predict_and_fine_tune(
     weights = tmp_path / "imported.safetensors"
     again = cnnkit_cli("import-keras", str(path), "--out", str(weights), cwd=tmp_path, ok=False)
     assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
-    # cnnkit.load normalises as recorded: the same class as Keras on a picture
+    # cnnkit.load normalises and sizes as recorded ([-1, 1], the whole image): Keras' probabilities
     image = (np.random.default_rng(2).random((48, 48, 3)) * 255).astype("uint8")
-    expected = int(np.asarray(k(image[None].astype("float32"), training=False).detach().cpu()).argmax())
-    assert cnnkit.load(weights)(image)[0].classes[0] == expected
+    logits = np.asarray(k(image[None].astype("float32"), training=False).detach().cpu())[0]
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    (result,) = cnnkit.load(weights, fast=False)(image)
+    assert result.classes[0] == int(expected.argmax())
+    assert result.data["topk"][0]["prob"] == pytest.approx(float(expected.max()), abs=1e-4)
     # fine-tuning from the Keras file trains on [-1, 1] pixels, as the weights expect
     result = cnnkit.train(
         "classify", data=digits_5_9, pretrained=str(path), freeze=True, epochs=1, imgsz=32, batch=16,

@@ -272,7 +272,10 @@ def import_keras(
     model = create_model(None, weights=path, num_classes=num_classes, in_chans=in_chans)
     if out is not None:
         cfg: dict[str, Any] = model.pretrained_cfg  # type: ignore[assignment]
-        save_weights(model, out, {k: cfg[k] for k in ("imgsz", "mean", "std", "source")})
+        # Keras Applications take the whole image resized: no centre crop at prediction
+        save_weights(
+            model, out, {**{k: cfg[k] for k in ("imgsz", "mean", "std", "source")}, "crop_fraction": 1.0}
+        )
     return model
 
 

@@ -37,7 +37,7 @@ from cnnkit.registry import expected_normalisation
 from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.weights import read_metadata
-from cnnkit.workflows.common import load_task_model
+from cnnkit.workflows.common import classifier_transform, load_task_model
 from cnnkit.workflows.spec import (
     Labelled,
     PredictRecord,
@@ -364,7 +364,7 @@ def predict(
     model, meta = load_task_model(weights, "classify", tta=tta, ensemble=ensemble)
     prepared = prepare(model, select_device(device), fast)
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
-    transform = classify_eval_transform(int(meta.get("imgsz", 224)), float(meta.get("crop_fraction", 0.875)))
+    transform = classifier_transform(meta)  # the recorded normalisation (a Keras import's [-1, 1])
     k = min(topk, len(names))
     out_dir = Path(out) if out is not None else None
     names_out = OutputNames(out_dir)

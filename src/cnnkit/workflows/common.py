@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
+from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_eval_transform
 from cnnkit.engine.callbacks import drawn_or_logged
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
@@ -128,6 +129,16 @@ def preprocess(image: torch.Tensor, imgsz: int | tuple[int, int], meta: dict[str
     size = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     return normalise(
         F.interpolate(image[None].float() / 255, size=size, mode="bilinear", antialias=True), meta
+    )
+
+
+def classifier_transform(meta: dict[str, Any]) -> Any:
+    """A classifier's evaluation transform as its weights record: input size, centre crop, mean and std."""
+    return classify_eval_transform(
+        int(meta.get("imgsz", 224)),
+        float(meta.get("crop_fraction", 0.875)),
+        tuple(meta.get("mean", IMAGENET_MEAN)),
+        tuple(meta.get("std", IMAGENET_STD)),
     )
 
 

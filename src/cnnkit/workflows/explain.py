@@ -23,14 +23,13 @@ from torch import nn
 
 from cnnkit.cam import CAM, Method, overlay
 from cnnkit.data.images import Frame, OutputNames, iter_frames
-from cnnkit.data.transforms import classify_eval_transform
 from cnnkit.engine.device import select_device
 from cnnkit.errors import CnnkitError
 from cnnkit.ops.yolo import decode_outputs
 from cnnkit.tasks.base import to_uint8
 from cnnkit.viz import Shown, draw_tile, save_grid
 from cnnkit.weights import read_metadata, task_of
-from cnnkit.workflows.common import load_task_model, preprocess
+from cnnkit.workflows.common import classifier_transform, load_task_model, preprocess
 from cnnkit.workflows.detect import detection_task, detector_input
 
 EXPLAINED = ("classify", "localize", "detect")
@@ -106,7 +105,7 @@ def _inputs(task: str, meta: dict[str, Any]) -> Callable[[Frame], torch.Tensor]:
     """The network input of a frame, prepared as the task's predict does: ``[1, 3, H, W]``."""
     imgsz = meta.get("imgsz", 224)
     if task == "classify":
-        transform = classify_eval_transform(int(imgsz), float(meta.get("crop_fraction", 0.875)))
+        transform = classifier_transform(meta)
         return lambda frame: transform(frame.image)[None]
     if task == "detect":
         return lambda frame: detector_input(frame.image, int(imgsz), meta)[0]
