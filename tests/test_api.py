@@ -64,6 +64,21 @@ def test_every_kind_of_image_gives_the_same_prediction(classifier: tuple[Path, P
     assert results[2].path == "image2" and results[0].labels == [first[0][0]]
 
 
+def test_a_predictor_reads_its_weights_once(
+    classifier: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calling a predictor again (a notebook loop) does not load the weights again."""
+    from cnnkit.workflows import common
+
+    weights, path = classifier
+    loads = []
+    real = common.load_task_model
+    monkeypatch.setattr(common, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    model = cnnkit.load(weights)
+    first = [model(path)[0].topk for _ in range(3)]
+    assert len(loads) == 1 and first[0] == first[1] == first[2]
+
+
 def test_a_result_draws_and_saves_itself(classifier: tuple[Path, Path], tmp_path: Path) -> None:
     weights, path = classifier
     (result,) = cnnkit.load(weights)(path)

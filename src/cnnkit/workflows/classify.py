@@ -28,16 +28,14 @@ from cnnkit.data.transforms import (
 )
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import select_device
 from cnnkit.engine.freeze import count_parameters, freeze_base
 from cnnkit.engine.trainer import FitResult, fit
 from cnnkit.errors import DataError
-from cnnkit.inference import prepare
 from cnnkit.registry import expected_normalisation
 from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.classify import ClassificationEvaluator, ClassificationTask
 from cnnkit.weights import read_metadata
-from cnnkit.workflows.common import classifier_transform, load_task_model
+from cnnkit.workflows.common import Loaded, classifier_transform
 from cnnkit.workflows.spec import (
     Labelled,
     PredictRecord,
@@ -353,6 +351,7 @@ def predict(
     fast: bool = True,
     tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    loaded: Loaded | None = None,
     out: str | os.PathLike[str] | None = None,
 ) -> Iterable[Prediction]:
     """Classify images (files, folders or globs, and video frames), yielding predictions as batches
@@ -361,8 +360,10 @@ def predict(
 
     Unreadable images are reported in the log and skipped.
     """
-    model, meta = load_task_model(weights, "classify", tta=tta, ensemble=ensemble)
-    prepared = prepare(model, select_device(device), fast)
+    session = Loaded.of(
+        weights, "classify", tta=tta, ensemble=ensemble, device=device, fast=fast, loaded=loaded
+    )
+    model, meta, prepared = session.model, session.meta, session.prepared
     names = meta.get("class_names") or [str(i) for i in range(int(model.num_classes))]  # type: ignore[arg-type]
     transform = classifier_transform(meta)  # the recorded normalisation (a Keras import's [-1, 1])
     k = min(topk, len(names))

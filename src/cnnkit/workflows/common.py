@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,35 @@ def load_task_model(
     if Path(weights).suffix == ".onnx":
         return OnnxModel(weights, meta).eval(), meta
     return create_model(None, weights=weights).eval(), meta
+
+
+@dataclass
+class Loaded:
+    """Weights loaded once for prediction: the model in eval mode, its metadata and the model prepared
+    for ``device`` (the fast path with ``fast``). A :class:`~cnnkit.workflows.predictor.Predictor` keeps
+    one, so calling it again does not read the weights again."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    prepared: Any
+
+    @classmethod
+    def of(
+        cls,
+        weights: str | os.PathLike[str],
+        task: str,
+        *,
+        tta: bool | TTA = False,
+        ensemble: Sequence[str | os.PathLike[str]] = (),
+        device: str = "auto",
+        fast: bool = True,
+        loaded: Loaded | None = None,
+    ) -> Loaded:
+        """``loaded`` when given (already loaded), else the weights loaded now."""
+        if loaded is not None:
+            return loaded
+        model, meta = load_task_model(weights, task, tta=tta, ensemble=ensemble)
+        return cls(model, meta, prepare(model, select_device(device), fast))
 
 
 def _combined(

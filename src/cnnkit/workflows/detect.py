@@ -26,16 +26,15 @@ from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz
 from cnnkit.data.formats import BoxData, read_box_data
 from cnnkit.data.images import OutputNames, iter_frames
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
-from cnnkit.inference import OnnxModel, prepare
+from cnnkit.inference import OnnxModel
 from cnnkit.models.yolo import Neck
 from cnnkit.ops.nms import Detections, multiclass_nms
 from cnnkit.ops.yolo import AnchorFit, kmeans_anchors
 from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.detect import BoxLoss, DetectionEvaluator, DetectionTask, unletterbox
 from cnnkit.viz import box_colour
-from cnnkit.workflows.common import load_task_model, normalise
+from cnnkit.workflows.common import Loaded, normalise
 from cnnkit.workflows.localize import PRETRAINED_BACKBONE
 from cnnkit.workflows.spec import (
     Labelled,
@@ -259,12 +258,15 @@ def predict(
     fast: bool = True,
     tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    loaded: Loaded | None = None,
 ) -> Iterator[DetPrediction]:
     """Detect objects in images (files, folders, globs), one at a time; with ``out``, each image is
     written there with its boxes, classes and scores drawn."""
-    model, meta = load_task_model(weights, "detect", tta=tta, ensemble=ensemble)
+    session = Loaded.of(
+        weights, "detect", tta=tta, ensemble=ensemble, device=device, fast=fast, loaded=loaded
+    )
+    model, meta, prepared = session.model, session.meta, session.prepared
     names = list(meta["class_names"])
-    prepared = prepare(model, select_device(device), fast)
     if isinstance(model, OnnxModel):  # an exported graph: decoded boxes and scores, or NMS'd rows
         detect = partial(_onnx_detections, model.outputs, conf, iou, max_det, agnostic)
     else:

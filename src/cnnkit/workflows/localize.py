@@ -20,13 +20,11 @@ from cnnkit.data.images import OutputNames, iter_frames, keep_readable
 from cnnkit.data.localize import LandmarkDataset, LocalizationDataset, read_landmarks, read_localization
 from cnnkit.data.report import DataReport
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import select_device
 from cnnkit.errors import DataError
-from cnnkit.inference import prepare
 from cnnkit.ops.boxes import clip
 from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.localize import LandmarkLoss, LandmarkTask, LocalizationTask, loc_boxes_xyxy
-from cnnkit.workflows.common import load_task_model, preprocess
+from cnnkit.workflows.common import Loaded, preprocess
 from cnnkit.workflows.spec import Labelled, PredictRecord, TaskData, TaskSpec, option, register_task
 
 log = logging.getLogger("cnnkit")
@@ -252,10 +250,11 @@ def predict(
     fast: bool = True,
     tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    loaded: Loaded | None = None,
 ) -> Iterator[LocPrediction]:
     """Box (or points) per image in the original image's pixels; with ``out``, images with them drawn."""
-    model, meta = load_task_model(weights, task, tta=tta, ensemble=ensemble)
-    prepared = prepare(model, select_device(device), fast)
+    session = Loaded.of(weights, task, tta=tta, ensemble=ensemble, device=device, fast=fast, loaded=loaded)
+    meta, prepared = session.meta, session.prepared
     imgsz = int(meta["imgsz"])
     out_dir = Path(out) if out is not None else None
     names_out = OutputNames(out_dir)

@@ -32,6 +32,7 @@ from cnnkit.tasks.base import TTA
 from cnnkit.viz import Shown, draw_tile
 from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows import run
+from cnnkit.workflows.common import Loaded
 from cnnkit.workflows.spec import get_task
 
 
@@ -152,8 +153,10 @@ class Predictor:
     ) -> None:
         meta = read_metadata(weights)
         self.weights, self.device, self.fast = str(weights), device, fast
-        self.combine: dict[str, Any] = {"tta": tta, "ensemble": list(ensemble)}
         self.task = task_of(meta)
+        # loaded once, on the first call: later calls do not read the weights again
+        self._load: dict[str, Any] = {"tta": tta, "ensemble": list(ensemble), "device": device, "fast": fast}
+        self._loaded: Loaded | None = None
         self.spec = get_task(self.task)
         count = int((meta.get("args") or {}).get("num_classes") or 0)  # a plain model's classes are numbered
         self.names: list[str] = list(meta.get("class_names") or [str(i) for i in range(count)])
@@ -167,10 +170,10 @@ class Predictor:
         chosen = None if cls is None else config_from_dict(cls, options, f"{self.task} predictions")
         if options and cls is None:
             raise CnnkitError(f"{self.task} predictions take no options; got {sorted(options)}")
+        if self._loaded is None:
+            self._loaded = Loaded.of(self.weights, self.task, **self._load)
         results = []
-        for record in run.predict(
-            self.weights, frames, options=chosen, device=self.device, fast=self.fast, **self.combine
-        ):
+        for record in run.predict(self.weights, frames, options=chosen, loaded=self._loaded, **self._load):
             name = record.data["path"]
             results.append(Result(self.task, name, images[name], record.data, self.names, record.arrays))
         return results

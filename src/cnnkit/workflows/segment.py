@@ -28,13 +28,11 @@ from cnnkit.data.segment import (
     resolve_segmentation_data,
 )
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import select_device
 from cnnkit.errors import CnnkitError
-from cnnkit.inference import prepare
 from cnnkit.tasks.base import TTA, Task
 from cnnkit.tasks.segment import SegLoss, SegmentationEvaluator, SegmentationTask, predict_classes
 from cnnkit.viz import color_map, draw_overlay
-from cnnkit.workflows.common import load_task_model, names_of, preprocess
+from cnnkit.workflows.common import Loaded, names_of, preprocess
 from cnnkit.workflows.spec import (
     Labelled,
     PredictRecord,
@@ -176,14 +174,17 @@ def predict(
     fast: bool = True,
     tta: bool | TTA = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    loaded: Loaded | None = None,
 ) -> Iterator[SegmentPrediction]:
     """Segment images (files, folders, globs) one at a time, at their own size.
 
     With ``out``, writes ``out/masks/<stem>.png`` (palette PNG whose pixel values are the classes)
     and ``out/overlays/<stem>.jpg`` (the colours blended over the image).
     """
-    model, meta = load_task_model(weights, "segment", tta=tta, ensemble=ensemble)
-    prepared = prepare(model, select_device(device), fast)
+    session = Loaded.of(
+        weights, "segment", tta=tta, ensemble=ensemble, device=device, fast=fast, loaded=loaded
+    )
+    meta, prepared = session.meta, session.prepared
     # S, or [H, W] (which keeps the aspect ratio, as --rect does)
     size, rect = frame_of(meta["imgsz"], bool((meta.get("options") or {}).get("rect", False)))
     cmap = color_map(256)
