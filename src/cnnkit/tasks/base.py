@@ -82,8 +82,9 @@ class ImageTask:
 
 
 class Combines(Protocol):
-    """A task whose outputs can be averaged (ensembles, test-time augmentation) and, for the flip of
-    test-time augmentation, mapped back from a mirrored input."""
+    """A task whose outputs can be averaged (ensembles, test-time augmentation) and, for test-time
+    augmentation, mapped back from a mirrored (``unflip``) or resized (``to_size``) input. A task may
+    instead merge the views itself (``combine(views, size)``, as detection fuses boxes)."""
 
     def average(self, outputs: Sequence[Any]) -> Any:
         """One output from several of the same shape: probabilities averaged (returned as logits),
@@ -92,6 +93,10 @@ class Combines(Protocol):
 
     def unflip(self, outputs: Any) -> Any:
         """The outputs for a horizontally mirrored input, mapped back to the original's frame."""
+        ...
+
+    def to_size(self, outputs: Any, size: tuple[int, int]) -> Any:
+        """The outputs for a resized input, brought to the input's ``(height, width)``."""
         ...
 
 
