@@ -161,7 +161,7 @@ LAYERS = [
     {"tasks"},
     {"engine", "inference"},
     {"workflows", "export", "benchmark", "sliding"},
-    {"demo"},
+    {"demo", "serve"},
     {"cli", "cli_tasks", "cli_arith", "__init__", "__main__"},
 ]
 

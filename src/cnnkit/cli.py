@@ -102,6 +102,15 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cnnkit.serve import Limits, serve
+
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
+    serve(args.weights, host=args.host, port=args.port, token=args.token, limits=limits,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device)  # fmt: skip
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
@@ -183,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max difference relative to output scale")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve", help="an HTTP API for trained models of any task (pip install 'cnnkit[serve]')"
+    )
+    p.add_argument(
+        "--weights", action="append", required=True, help="PATH or NAME=PATH; repeat for more models"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set CNNKIT_SERVE_TOKEN)")
+    p.add_argument("--max-batch", type=int, default=16, help="images run together at most")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-bytes", type=int, default=20_000_000, help="bytes per image")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image")
+    p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "import-keras",

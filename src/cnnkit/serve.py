@@ -1,0 +1,344 @@
+"""``cnnkit serve``: trained models of any task behind an HTTP API (FastAPI on uvicorn;
+``pip install 'cnnkit[serve]'``).
+
+- ``GET /health``, ``GET /models`` (name, task, classes, input size, training metrics), the OpenAPI
+  description at ``/openapi.json`` (and ``/docs``);
+- ``POST /predict/{model}`` with images as ``multipart/form-data`` files or one image as the raw body
+  (``image/*`` or ``application/octet-stream``); the task's predict options (``conf``, ``iou``,
+  ``topk``...) as query parameters; the answer holds the same records as ``cnnkit predict --json``
+  (segmentation adds each mask as a PNG in base64).
+
+Requests of many clients are batched: each model has a queue that a worker drains every ``max_wait_ms``
+or ``max_batch`` images, running the model in one thread beside the event loop (which keeps serving).
+Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem: not an image, a truncated one,
+over the byte or pixel limits (decompression bombs included), an unknown model or option, a wrong
+content type; a bearer ``token`` (or ``CNNKIT_SERVE_TOKEN``) is required on every request when set.
+"""
+
+import asyncio
+import base64
+import dataclasses
+import io
+import os
+import secrets
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnkit.data.images import Frame, to_image_tensor
+from cnnkit.errors import CnnkitError
+from cnnkit.weights import read_metadata, task_of
+from cnnkit.workflows import run
+from cnnkit.workflows.common import Loaded
+from cnnkit.workflows.spec import PredictRecord, TaskSpec, get_task
+
+TOKEN_ENV = "CNNKIT_SERVE_TOKEN"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send: bytes per image, pixels per image, images per request."""
+
+    max_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_images: int = 64
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Slot:
+    """One served model: its weights loaded once, and the queue its requests wait in."""
+
+    name: str
+    weights: str
+    spec: TaskSpec
+    meta: dict[str, Any]
+    loaded: Loaded
+    queue: asyncio.Queue[tuple[list[Frame], Any, asyncio.Future[list[PredictRecord]]]] | None = None
+    batches: int = 0  # model runs, and the images they took: batching at work
+    images: int = 0
+    worker: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.spec.name,
+            "classes": self.meta.get("class_names"),
+            "imgsz": self.meta.get("imgsz"),
+            "metrics": self.meta.get("metrics"),
+            "weights": Path(self.weights).name,
+            "options": [f.name for f in dataclasses.fields(self.spec.PredictOptions or _NoOptions)],
+        }
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+def load_slots(weights: Sequence[str], device: str = "auto", fast: bool = True) -> dict[str, Slot]:
+    """``PATH`` or ``NAME=PATH`` each; a model is named by its file's stem unless named."""
+    slots: dict[str, Slot] = {}
+    for item in weights:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(path).name.split(".")[0]
+        if name in slots:
+            raise CnnkitError(f"two models named {name!r}: name them, --weights NAME=PATH")
+        meta = read_metadata(path)
+        task = task_of(meta)
+        slots[name] = Slot(name, path, get_task(task), meta, Loaded.of(path, task, device=device, fast=fast))
+    return slots
+
+
+def decode(data: bytes, name: str, limits: Limits) -> Frame:
+    """One uploaded image, checked before its pixels are decoded (size, pixel count) and while they are."""
+    if len(data) > limits.max_bytes:
+        raise BadRequest(413, f"{name}: {len(data):,} bytes, over the limit of {limits.max_bytes:,}")
+    if not data:
+        raise BadRequest(400, f"{name}: empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            if w * h > limits.max_pixels:
+                raise BadRequest(413, f"{name}: {w}x{h} pixels, over the limit of {limits.max_pixels:,}")
+            image.load()
+    except BadRequest:
+        raise
+    except UnidentifiedImageError:
+        raise BadRequest(400, f"{name}: not an image PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadRequest(413, f"{name}: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise BadRequest(400, f"{name}: a truncated or corrupt image ({exc})") from None
+    return Frame(Path(name), to_image_tensor(image, name))
+
+
+def query_options(spec: TaskSpec, params: dict[str, str]) -> Any:
+    """The task's predict options from query parameters (strings, converted by each field's default)."""
+    cls = spec.PredictOptions
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise BadRequest(400, f"unknown options {unknown}; {spec.name} takes {sorted(fields)}")
+    values: dict[str, Any] = {}
+    for key, text in params.items():
+        default: Any = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                values[key] = text.lower() in ("true", "1")
+            else:
+                values[key] = type(default)(text)
+        except ValueError:
+            kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[
+                type(default).__name__
+            ]
+            raise BadRequest(400, f"option {key}: {text!r} is not {kind}") from None
+    return cls(**values) if cls is not None else None
+
+
+def to_json(slot: Slot, records: list[PredictRecord]) -> Any:
+    """``cnnkit predict --json``'s records; a segmentation mask rides along as a PNG in base64."""
+    if slot.spec.name == "segment":
+        out = []
+        for r in records:
+            mask = np.asarray(r.arrays["mask"])
+            buf = io.BytesIO()
+            Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(
+                buf, "PNG"
+            )
+            out.append({**r.data, "mask_png": base64.b64encode(buf.getvalue()).decode("ascii")})
+        return out
+    return slot.spec.predictions_json(records)
+
+
+class Batcher:
+    """Drains each model's queue: requests arriving within ``max_wait_ms`` of the first (up to
+    ``max_batch`` images) run together, one model run per set of equal options."""
+
+    def __init__(self, max_batch: int, max_wait_ms: float) -> None:
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnkit-model")
+
+    async def submit(self, slot: Slot, frames: list[Frame], options: Any) -> list[PredictRecord]:
+        assert slot.queue is not None
+        done: asyncio.Future[list[PredictRecord]] = asyncio.get_running_loop().create_future()
+        await slot.queue.put((frames, options, done))
+        return await done
+
+    async def drain(self, slot: Slot) -> None:
+        assert slot.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [await slot.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while sum(len(w[0]) for w in waiting) < self.max_batch:
+                try:
+                    waiting.append(await asyncio.wait_for(slot.queue.get(), max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    break
+            groups: dict[Any, list[Any]] = {}
+            for item in waiting:
+                groups.setdefault(item[1], []).append(item)
+            for options, items in groups.items():
+                frames = [f for item in items for f in item[0]]
+                try:
+                    records = await loop.run_in_executor(self.executor, _predict, slot, frames, options)
+                except Exception as exc:  # the model failed: each waiting request answers, the server stays
+                    for _, _, done in items:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                slot.batches, slot.images = slot.batches + 1, slot.images + len(frames)
+                start = 0
+                for item_frames, _, done in items:
+                    if not done.done():  # a client that went away has cancelled its future
+                        done.set_result(records[start : start + len(item_frames)])
+                    start += len(item_frames)
+
+
+def _predict(slot: Slot, frames: list[Frame], options: Any) -> list[PredictRecord]:
+    records = list(
+        run.predict(slot.weights, frames, task=slot.spec.name, options=options, loaded=slot.loaded)
+    )
+    if len(records) != len(frames):
+        raise CnnkitError(f"{slot.name}: {len(records)} predictions for {len(frames)} images")
+    return records
+
+
+def create_app(
+    slots: dict[str, Slot],
+    *,
+    token: str | None = None,
+    limits: Limits = Limits(),
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+) -> Any:
+    """The ASGI application serving ``slots`` (see the module's description)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+    except ImportError:
+        raise CnnkitError("cnnkit serve needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
+    from contextlib import asynccontextmanager
+
+    batcher = Batcher(max_batch, max_wait_ms)
+    token = token or os.environ.get(TOKEN_ENV) or None
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        for slot in slots.values():
+            slot.queue = asyncio.Queue()
+            slot.worker = asyncio.create_task(batcher.drain(slot))
+        yield
+        for slot in slots.values():
+            if slot.worker is not None:
+                slot.worker.cancel()
+        batcher.executor.shutdown(wait=True)
+
+    app = FastAPI(title="cnnkit", description=__doc__, lifespan=lifespan)
+    app.state.slots = slots
+
+    def error(status: int, message: str) -> Any:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return error(401, "a bearer token is required: Authorization: Bearer TOKEN")
+        try:
+            return await call_next(request)
+        except BadRequest as exc:
+            return error(exc.status, exc.message)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "models": {n: {"batches": s.batches, "images": s.images} for n, s in slots.items()},
+        }
+
+    @app.get("/models")
+    async def models() -> list[dict[str, Any]]:
+        return [slot.describe() for slot in slots.values()]
+
+    @app.post("/predict/{model}")
+    async def predict(model: str, request: Request) -> Any:
+        """One or more images (multipart files, or the raw body) -> the model's predictions."""
+        slot = slots.get(model)
+        if slot is None:
+            return error(404, f"no model {model!r}; served: {sorted(slots)}")
+        try:
+            options = query_options(slot.spec, dict(request.query_params))
+            frames = await _read_images(request, limits)
+        except BadRequest as exc:
+            return error(exc.status, exc.message)
+        records = await batcher.submit(slot, frames, options)
+        return {"model": model, "task": slot.spec.name, "predictions": to_json(slot, records)}
+
+    return app
+
+
+async def _read_images(request: Any, limits: Limits) -> list[Frame]:
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=limits.max_images, max_fields=limits.max_images)
+        except Exception as exc:  # starlette's parser errors: a malformed or oversized form
+            raise BadRequest(400, f"unreadable multipart form ({exc})") from None
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise BadRequest(400, "the form holds no files")
+        blobs = [(f.filename or f"image{i}", await f.read(limits.max_bytes + 1)) for i, f in enumerate(files)]
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_bytes:
+                raise BadRequest(413, f"the body is over the limit of {limits.max_bytes:,} bytes")
+        blobs = [("image0", bytes(body))]
+    else:
+        raise BadRequest(
+            415, f"send images as multipart/form-data or image/* bodies, not {kind or 'nothing'}"
+        )
+    return [await run_in_threadpool(decode, data, name, limits) for name, data in blobs]
+
+
+def serve(
+    weights: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    limits: Limits = Limits(),
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    device: str = "auto",
+) -> None:
+    """Serve ``weights`` until interrupted (SIGINT/SIGTERM finish the requests in flight)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise CnnkitError("cnnkit serve needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
+    app = create_app(load_slots(weights, device), token=token, limits=limits, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

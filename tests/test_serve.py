@@ -1,0 +1,212 @@
+"""``cnnkit serve``: the HTTP API on a free loopback port, for every task's tiny model; bad input is a 4xx
+JSON error and the server stays up; concurrent requests are batched."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import cnnkit
+from cnnkit.data import builtin
+from cnnkit.data.scenes import write_scenes
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+from cnnkit.serve import Limits, create_app, load_slots  # noqa: E402
+
+QUICK = {"epochs": 1, "workers": 0, "quiet": True, "batch": 8}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny trained model of every task."""
+    root = tmp_path_factory.mktemp("serve")
+    runs = {"project": root / "runs", **QUICK}
+    digits = builtin.write_classification(root / "digits", classes=(0, 1, 2), size_range=(28, 32), seed=0)
+    det = builtin.write_detection(root / "det", n_train=8, n_val=2, seed=0)
+    scenes = write_scenes(root / "scenes", n_train=4, n_val=2, size=(40, 56))
+    boxes = builtin.write_localization(root / "boxes", n_train=8, n_val=2, seed=0)
+    kites = builtin.write_landmarks(root / "kites", n_train=8, n_val=2, seed=0)
+    small = {"model": "resnet18", "model_args": {"width": 0.125}, "imgsz": 32}
+    backbone = {"backbone_args": {"width": 0.125}, "imgsz": 64}
+    return {
+        "cls": cnnkit.train("classify", digits, **small, **runs).best,
+        "det": cnnkit.train("detect", det, strides=(8, 16), **backbone, **runs).best,
+        "seg": cnnkit.train("segment", scenes, imgsz=48, model_args={"base": 8, "depth": 2}, **runs).best,
+        "loc": cnnkit.train("localize", boxes, **backbone, **runs).best,
+        "pts": cnnkit.train("landmarks", kites, **backbone, **runs).best,
+    }
+
+
+class Server:
+    """uvicorn serving an app on a free loopback port, in a thread, for one test module."""
+
+    def __init__(self, app: Any) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def call(
+        self,
+        path: str,
+        body: bytes | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.url + path, data=body, method="POST" if body is not None else "GET"
+        )
+        for key, value in {**({"Content-Type": kind} if kind else {}), **(headers or {})}.items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png(size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB") -> bytes:
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(weights: dict[str, Path]) -> Iterator[Server]:
+    slots = load_slots([f"{name}={path}" for name, path in weights.items()])
+    limits = Limits(max_bytes=300_000, max_pixels=2_000_000, max_images=8)
+    running = Server(create_app(slots, limits=limits, max_batch=16, max_wait_ms=100))
+    yield running
+    running.stop()
+
+
+def test_models_health_and_openapi(server: Server) -> None:
+    status, models = server.call("/models")
+    assert status == 200 and [m["name"] for m in models] == ["cls", "det", "seg", "loc", "pts"]
+    assert [m["task"] for m in models] == ["classify", "detect", "segment", "localize", "landmarks"]
+    assert models[0]["classes"] == ["one", "two", "zero"] and models[0]["imgsz"] == 32
+    assert "conf" in models[1]["options"] and "top1" in models[0]["metrics"]
+    assert server.call("/health")[1]["status"] == "ok"
+    status, spec = server.call("/openapi.json")
+    assert status == 200 and "/predict/{model}" in spec["paths"]
+
+
+def test_every_task_predicts_as_the_command_line_prints(server: Server) -> None:
+    image = png()
+    status, out = server.call("/predict/cls?topk=2", image, "image/png")
+    assert status == 200 and out["task"] == "classify" and len(out["predictions"][0]["topk"]) == 2
+    status, out = server.call("/predict/det?conf=0.0&max_det=3", image, "image/png")
+    assert status == 200 and len(out["predictions"]) == 3
+    assert {"image_id", "category_id", "bbox", "score"} <= set(out["predictions"][0])
+    assert server.call("/predict/det?conf=1.0", image, "image/png")[1]["predictions"] == []
+    status, out = server.call("/predict/seg", image, "image/png")
+    mask = Image.open(io.BytesIO(base64.b64decode(out["predictions"][0]["mask_png"])))
+    assert status == 200 and mask.size == (64, 48) and out["predictions"][0]["classes"]
+    status, out = server.call("/predict/loc", image, "image/png")
+    assert status == 200 and {"object_prob", "class", "box"} <= set(out["predictions"][0])
+    status, out = server.call("/predict/pts", image, "image/png")
+    assert status == 200 and len(out["predictions"][0]["points"]) == 4
+    body, kind = multipart([("a.png", png(seed=1)), ("b.png", png(seed=2)), ("c.png", png(seed=3))])
+    status, out = server.call("/predict/cls", body, kind)
+    assert status == 200 and [p["path"] for p in out["predictions"]] == ["a.png", "b.png", "c.png"]
+
+
+def _bomb() -> bytes:
+    """A few kilobytes of PNG that decode to 25 million pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_input_is_a_4xx_json_error_and_the_next_request_works(server: Server) -> None:
+    image = png()
+    cases = [
+        (("/predict/cls", b"not an image at all", "image/png"), 400, "image0: not an image"),
+        (("/predict/cls", image[: len(image) // 2], "image/png"), 400, "truncated or corrupt"),
+        (("/predict/cls", _bomb(), "image/png"), 413, "5000x5000 pixels, over the limit"),
+        (("/predict/cls", b"x" * 400_000, "image/png"), 413, "over the limit of 300,000 bytes"),
+        (("/predict/cls", image, "text/plain"), 415, "not text/plain"),
+        (("/predict/nope", image, "image/png"), 404, "no model 'nope'"),
+        (("/predict/cls?topk=many", image, "image/png"), 400, "'many' is not a whole number"),
+        (("/predict/cls?conf=0.5", image, "image/png"), 400, "unknown options ['conf']"),
+        (("/predict/cls", b"", "image/png"), 400, "image0: empty"),
+        (("/predict/cls", *multipart([(f"{i}.png", image) for i in range(9)])), 400, "multipart"),
+    ]
+    for args, status, message in cases:
+        got, out = server.call(*args)
+        assert (got, message in out.get("error", "")) == (status, True), (args[0], out)
+    assert server.call("/predict/cls", image, "image/png")[0] == 200
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=2000), st.integers(0, 3000).map(lambda n: png()[:n])))
+def test_fuzzed_uploads_never_break_the_server(server: Server, data: bytes) -> None:
+    status, out = server.call("/predict/det", data, "image/png")
+    assert status == 200 or (400 <= status < 500 and out["error"]), out
+    assert server.call("/health")[0] == 200
+
+
+def test_concurrent_requests_are_batched(server: Server) -> None:
+    before = server.call("/health")[1]["models"]["cls"]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: server.call("/predict/cls", png(seed=i), "image/png"), range(12)))
+    assert all(status == 200 for status, _ in answers)
+    after = server.call("/health")[1]["models"]["cls"]
+    runs, images = after["batches"] - before["batches"], after["images"] - before["images"]
+    assert images == 12 and runs < 12  # at least two requests shared a model run
+
+
+def test_a_token_is_required_on_every_request(weights: dict[str, Path]) -> None:
+    server = Server(create_app(load_slots([f"cls={weights['cls']}"]), token="s3cret"))
+    try:
+        assert server.call("/models")[0] == 401
+        assert server.call("/predict/cls", png(), "image/png", {"Authorization": "Bearer wrong"})[0] == 401
+        status, out = server.call("/predict/cls", png(), "image/png", {"Authorization": "Bearer s3cret"})
+        assert status == 200 and out["predictions"]
+    finally:
+        server.stop()
+
+
+def test_two_models_of_one_name_are_refused(weights: dict[str, Path]) -> None:
+    with pytest.raises(cnnkit.CnnkitError, match="two models named 'best'"):
+        load_slots([str(weights["cls"]), str(weights["det"])])
