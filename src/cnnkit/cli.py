@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set CNNKIT_SERVE_TOKEN)")
     p.add_argument("--max-batch", type=int, default=16, help="images run together at most")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=0.0,
+        help="how long a batch waits for more requests (0: those arriving during a model run form the next)",
+    )  # fmt: skip
     p.add_argument("--max-bytes", type=int, default=20_000_000, help="bytes per image")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image")
     p.add_argument("--max-images", type=int, default=64, help="images per request")

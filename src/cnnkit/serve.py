@@ -167,8 +167,9 @@ def to_json(slot: Slot, records: list[PredictRecord]) -> Any:
 
 
 class Batcher:
-    """Drains each model's queue: requests arriving within ``max_wait_ms`` of the first (up to
-    ``max_batch`` images) run together, one model run per set of equal options."""
+    """Drains each model's queue: the requests that arrived while the model was busy, and those arriving
+    within ``max_wait_ms`` of the first (0: none waits), run together up to ``max_batch`` images, one model
+    run per set of equal options. Under load, batches form without any waiting."""
 
     def __init__(self, max_batch: int, max_wait_ms: float) -> None:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
@@ -187,6 +188,9 @@ class Batcher:
             waiting = [await slot.queue.get()]
             deadline = loop.time() + self.max_wait
             while sum(len(w[0]) for w in waiting) < self.max_batch:
+                if not slot.queue.empty():  # what arrived while the model ran joins at once
+                    waiting.append(slot.queue.get_nowait())
+                    continue
                 try:
                     waiting.append(await asyncio.wait_for(slot.queue.get(), max(0.0, deadline - loop.time())))
                 except TimeoutError:
@@ -226,7 +230,7 @@ def create_app(
     token: str | None = None,
     limits: Limits = Limits(),
     max_batch: int = 16,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
 ) -> Any:
     """The ASGI application serving ``slots`` (see the module's description)."""
     try:
@@ -331,7 +335,7 @@ def serve(
     token: str | None = None,
     limits: Limits = Limits(),
     max_batch: int = 16,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
     device: str = "auto",
 ) -> None:
     """Serve ``weights`` until interrupted (SIGINT/SIGTERM finish the requests in flight)."""
