@@ -210,3 +210,64 @@ def test_a_token_is_required_on_every_request(weights: dict[str, Path]) -> None:
 def test_two_models_of_one_name_are_refused(weights: dict[str, Path]) -> None:
     with pytest.raises(cnnkit.CnnkitError, match="two models named 'best'"):
         load_slots([str(weights["cls"]), str(weights["det"])])
+
+
+def _browser() -> Any:
+    """Playwright driving Debian's chromium; the reason when there is none (the tests then skip)."""
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser tests: playwright is not installed (pip install playwright)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("browser tests: no chromium (apt-get install -y chromium)")
+    return sync_playwright, path
+
+
+def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tmp_path: Path) -> None:
+    """The page loads without console errors, draws each task's predictions (bars, boxes, a legend), and
+    the confidence slider re-filters the boxes without asking the model again."""
+    sync_playwright, chromium = _browser()
+    image = tmp_path / "street.png"
+    image.write_bytes(png((96, 72), seed=5))
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 5")
+
+        def upload(model: str) -> Any:
+            cards = page.locator(".card").count()
+            page.select_option("#model", model)
+            page.set_input_files("#files", str(image))
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {cards + 1}")
+            return page.wait_for_selector(".card:first-child .extra > *")
+
+        upload("cls")
+        assert page.locator(".card:first-child .bar").count() == 3
+        upload("det")
+        before = server.call("/health")[1]["models"]["det"]["batches"]
+
+        def boxes_at(conf: str) -> int:
+            page.eval_on_selector(
+                "#conf", "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", conf
+            )
+            return int(page.get_attribute(".card:first-child", "data-boxes") or -1)
+
+        many, none = boxes_at("0.0"), boxes_at("1.0")
+        assert many > 0 and none == 0 and "0 boxes" in page.inner_text(".card:first-child .count")
+        assert server.call("/health")[1]["models"]["det"]["batches"] == before  # no new request
+        boxes_at("0.0")
+        upload("seg")
+        assert page.locator(".card:first-child .legend span").count() >= 1
+        upload("pts")
+        assert "4 points" in page.inner_text(".card:first-child .count")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert Image.open(tmp_path / "page.png").size[0] >= 800

@@ -1,6 +1,9 @@
 """``cnnkit serve``: trained models of any task behind an HTTP API (FastAPI on uvicorn;
 ``pip install 'cnnkit[serve]'``).
 
+- ``GET /``: a page to choose a model, drop images and see the predictions drawn (top-k bars, boxes
+  re-filtered by a confidence slider without asking the model again, a mask overlay with its legend,
+  a localizer's box, landmark points);
 - ``GET /health``, ``GET /models`` (name, task, classes, input size, training metrics), the OpenAPI
   description at ``/openapi.json`` (and ``/docs``);
 - ``POST /predict/{model}`` with images as ``multipart/form-data`` files or one image as the raw body
@@ -12,7 +15,8 @@ Requests of many clients are batched: each model has a queue that a worker drain
 or ``max_batch`` images, running the model in one thread beside the event loop (which keeps serving).
 Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem: not an image, a truncated one,
 over the byte or pixel limits (decompression bombs included), an unknown model or option, a wrong
-content type; a bearer ``token`` (or ``CNNKIT_SERVE_TOKEN``) is required on every request when set.
+content type; a bearer ``token`` (or ``CNNKIT_SERVE_TOKEN``) is required on every API request when set
+(the page and its scripts hold no data; the page asks for the token).
 """
 
 import asyncio
@@ -39,6 +43,7 @@ from cnnkit.workflows.common import Loaded
 from cnnkit.workflows.spec import PredictRecord, TaskSpec, get_task
 
 TOKEN_ENV = "CNNKIT_SERVE_TOKEN"
+STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JS, no build step, no CDN
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,8 @@ def create_app(
     """The ASGI application serving ``slots`` (see the module's description)."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import FileResponse, JSONResponse
+        from fastapi.staticfiles import StaticFiles
     except ImportError:
         raise CnnkitError("cnnkit serve needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
     from contextlib import asynccontextmanager
@@ -260,9 +266,12 @@ def create_app(
     def error(status: int, message: str) -> Any:
         return JSONResponse({"error": message}, status_code=status)
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
-        if token is not None:
+        page = request.url.path == "/" or request.url.path.startswith("/static/")  # holds no data
+        if token is not None and not page:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return error(401, "a bearer token is required: Authorization: Bearer TOKEN")
@@ -270,6 +279,11 @@ def create_app(
             return await call_next(request)
         except BadRequest as exc:
             return error(exc.status, exc.message)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Any:
+        """The page: choose a model, drop images, see the predictions drawn."""
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

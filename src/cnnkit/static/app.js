@@ -1,0 +1,182 @@
+// cnnkit serve's page: choose a model, drop images, see what it predicts. Plain JS, no build step.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { models: [], cards: [] };
+const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+  "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"];
+const colour = (k) => PALETTE[k % PALETTE.length];
+
+function headers(extra) {
+  const token = $("token").value || sessionStorage.getItem("cnnkit-token") || "";
+  return token ? { ...extra, Authorization: "Bearer " + token } : { ...extra };
+}
+
+function model() { return state.models.find((m) => m.name === $("model").value); }
+
+async function loadModels() {
+  const response = await fetch("models", { headers: headers() });
+  if (!response.ok) { $("status").textContent = (await response.json()).error; return; }
+  state.models = await response.json();
+  $("model").innerHTML = "";
+  for (const m of state.models) $("model").add(new Option(`${m.name} (${m.task})`, m.name));
+  const wanted = new URLSearchParams(location.search).get("model");
+  if (wanted) $("model").value = wanted;
+  showModel();
+}
+
+function showModel() {
+  const m = model();
+  if (!m) return;
+  $("task").textContent = `${m.task}, ${(m.classes || []).length} classes, input ${m.imgsz}`;
+  $("conf-control").hidden = m.task !== "detect";
+  $("opacity-control").hidden = m.task !== "segment";
+}
+
+async function predict(file) {
+  const m = model();
+  const card = { file, model: m, el: document.createElement("div") };
+  card.el.className = "card";
+  card.el.innerHTML = `<h2></h2><canvas></canvas><div class="extra"></div>`;
+  card.el.querySelector("h2").textContent = file.name;
+  $("results").prepend(card.el);
+  state.cards.push(card);
+  try {
+    card.bitmap = await createImageBitmap(file);
+  } catch (e) {
+    card.bitmap = null;
+  }
+  const query = m.task === "detect" ? "?conf=0&max_det=100" : ""; // the slider filters these
+  const response = await fetch(`predict/${encodeURIComponent(m.name)}${query}`, {
+    method: "POST", body: file, headers: headers({ "Content-Type": file.type || "application/octet-stream" }),
+  });
+  const answer = await response.json();
+  if (!response.ok) {
+    card.el.querySelector(".extra").innerHTML = `<p class="error"></p>`;
+    card.el.querySelector(".error").textContent = answer.error;
+    return;
+  }
+  card.predictions = answer.predictions;
+  if (m.task === "segment") card.mask = await maskImage(answer.predictions[0].mask_png);
+  render(card);
+}
+
+async function maskImage(b64) {
+  const image = new Image();
+  image.src = "data:image/png;base64," + b64;
+  await image.decode();
+  const canvas = new OffscreenCanvas(image.width, image.height);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(image, 0, 0);
+  return ctx.getImageData(0, 0, image.width, image.height);
+}
+
+function render(card) {
+  const canvas = card.el.querySelector("canvas");
+  const extra = card.el.querySelector(".extra");
+  if (!card.bitmap || !card.predictions) return;
+  const ctx = canvas.getContext("2d");
+  canvas.width = card.bitmap.width;
+  canvas.height = card.bitmap.height;
+  canvas.style.width = `${Math.min(500, Math.max(320, canvas.width))}px`; // small images shown larger
+  ctx.drawImage(card.bitmap, 0, 0);
+  const names = card.model.classes || [];
+  const task = card.model.task;
+  ctx.lineWidth = Math.max(1, canvas.width / 250);
+  ctx.font = `${Math.max(6, Math.round(canvas.width / 30))}px system-ui`;
+  if (task === "classify") {
+    extra.innerHTML = `<div class="bars"></div>`;
+    for (const t of card.predictions[0].topk) {
+      const row = document.createElement("div");
+      row.className = "bar";
+      row.innerHTML = `<span class="label"></span><span class="track"><span class="fill"></span></span><span class="prob"></span>`;
+      row.querySelector(".label").textContent = t.class;
+      row.querySelector(".fill").style.width = `${(100 * t.prob).toFixed(1)}%`;
+      row.querySelector(".prob").textContent = t.prob.toFixed(3);
+      extra.querySelector(".bars").append(row);
+    }
+  } else if (task === "detect") {
+    const conf = parseFloat($("conf").value);
+    const shown = card.predictions.filter((b) => b.score >= conf);
+    for (const b of shown) {
+      const [x, y, w, h] = b.bbox;
+      ctx.strokeStyle = ctx.fillStyle = colour(b.category_id);
+      ctx.strokeRect(x, y, w, h);
+      const text = `${names[b.category_id] ?? b.category_id} ${b.score.toFixed(2)}`;
+      ctx.fillRect(x, Math.max(0, y - parseInt(ctx.font)), ctx.measureText(text).width + 6, parseInt(ctx.font));
+      ctx.fillStyle = "#fff";
+      ctx.fillText(text, x + 3, Math.max(parseInt(ctx.font) - 2, y - 3));
+    }
+    extra.innerHTML = `<p class="count"></p>`;
+    extra.querySelector(".count").textContent = `${shown.length} boxes with score ≥ ${conf.toFixed(2)}`;
+    card.el.dataset.boxes = String(shown.length);
+  } else if (task === "segment") {
+    const mask = card.mask;
+    const overlay = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const alpha = parseFloat($("opacity").value);
+    const present = new Set();
+    for (let i = 0; i < mask.width * mask.height; i++) {
+      const k = mask.data[4 * i];
+      present.add(k);
+      if (k === 0) continue; // background shows the image
+      const c = colour(k);
+      for (let j = 0; j < 3; j++) {
+        const v = parseInt(c.slice(1 + 2 * j, 3 + 2 * j), 16);
+        overlay.data[4 * i + j] = overlay.data[4 * i + j] * (1 - alpha) + v * alpha;
+      }
+    }
+    ctx.putImageData(overlay, 0, 0);
+    extra.innerHTML = `<div class="legend"></div>`;
+    for (const k of [...present].sort((a, b) => a - b)) {
+      const item = document.createElement("span");
+      item.style.setProperty("--c", k === 0 ? "transparent" : colour(k));
+      item.textContent = names[k] ?? String(k);
+      extra.querySelector(".legend").append(item);
+    }
+  } else if (task === "localize") {
+    const p = card.predictions[0];
+    extra.innerHTML = `<p class="count"></p>`;
+    if (p.box) {
+      const [x1, y1, x2, y2] = p.box;
+      ctx.strokeStyle = colour(names.indexOf(p.class));
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      extra.querySelector(".count").textContent = `${p.class} ${p.class_prob.toFixed(2)} (object ${p.object_prob.toFixed(2)})`;
+    } else {
+      extra.querySelector(".count").textContent = `no object (${p.object_prob.toFixed(2)})`;
+    }
+  } else if (task === "landmarks") {
+    card.predictions[0].points.forEach(([x, y], k) => {
+      ctx.fillStyle = colour(k);
+      ctx.beginPath();
+      ctx.arc(x, y, Math.max(3, canvas.width / 120), 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.fillText(String(k), x + 5, y - 5);
+    });
+    extra.innerHTML = `<p class="count"></p>`;
+    extra.querySelector(".count").textContent = `${card.predictions[0].points.length} points`;
+  }
+}
+
+function take(files) {
+  $("status").textContent = "";
+  for (const file of files) predict(file).catch((e) => { $("status").textContent = String(e); });
+}
+
+$("files").addEventListener("change", (e) => {
+  take([...e.target.files]);
+  e.target.value = ""; // the same file chosen again (another model) is a new change
+});
+$("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
+$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
+$("drop").addEventListener("drop", (e) => {
+  e.preventDefault();
+  $("drop").classList.remove("over");
+  take(e.dataTransfer.files);
+});
+$("model").addEventListener("change", showModel);
+$("conf").addEventListener("input", () => {
+  $("conf-value").textContent = parseFloat($("conf").value).toFixed(2);
+  state.cards.forEach(render); // re-filter the boxes already predicted: no new request
+});
+$("opacity").addEventListener("input", () => state.cards.forEach(render));
+$("token").addEventListener("change", () => { sessionStorage.setItem("cnnkit-token", $("token").value); loadModels(); });
+loadModels();
