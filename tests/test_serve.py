@@ -73,6 +73,16 @@ class Server:
         self.server.should_exit = True
         self.thread.join(30)
 
+    def raw(self, path: str) -> tuple[int, bytes]:
+        """GET ``path`` exactly as written (no client-side normalisation of ``..``)."""
+        import http.client
+
+        host, port = self.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+
     def call(
         self,
         path: str,
@@ -115,7 +125,8 @@ def png(size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB") -> b
 def server(weights: dict[str, Path]) -> Iterator[Server]:
     slots = load_slots([f"{name}={path}" for name, path in weights.items()])
     limits = Limits(max_bytes=300_000, max_pixels=2_000_000, max_images=8)
-    running = Server(create_app(slots, limits=limits, max_batch=16, max_wait_ms=100))
+    runs = weights["cls"].parents[3]  # runs/<task>/exp/weights/best.safetensors
+    running = Server(create_app(slots, limits=limits, max_batch=16, max_wait_ms=100, runs=runs))
     yield running
     running.stop()
 
@@ -271,3 +282,63 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
         browser.close()
     assert errors == []
     assert Image.open(tmp_path / "page.png").size[0] >= 800
+
+
+def test_the_runs_api_serves_only_files_inside_the_runs_folder(
+    server: Server, weights: dict[str, Path], tmp_path: Path
+) -> None:
+    runs = weights["cls"].parents[3]
+    status, listed = server.call("/api/runs")
+    assert status == 200 and {r["path"] for r in listed} >= {"classify/exp", "detect/exp", "segment/exp"}
+    classify = next(r for r in listed if r["path"] == "classify/exp")
+    assert (
+        classify["task"] == "classify"
+        and classify["served_as"] == "cls"
+        and "results.csv" in classify["files"]
+    )
+    status, body = server.raw("/api/runs/file/classify/exp/results.csv")
+    assert status == 200 and body.startswith(b"epoch,")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for you")
+    (runs / "outside").symlink_to(tmp_path, target_is_directory=True)
+    (runs / "classify" / "exp" / "leak.txt").symlink_to(secret)
+    for path in (
+        "/api/runs/file/../secret.txt",
+        "/api/runs/file/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/api/runs/file/..%2f..%2f..%2fetc%2fpasswd",
+        "/api/runs/file/classify/exp/../../../../etc/passwd",
+        "/api/runs/file//etc/passwd",
+        "/api/runs/file/outside/secret.txt",
+        "/api/runs/file/classify/exp/leak.txt",
+        "/api/runs/file/classify/exp/weights/best.safetensors",  # weights are not a run file to fetch
+    ):
+        status, body = server.raw(path)
+        assert status == 404 and b"not for you" not in body and b"root:" not in body, path
+    assert "outside" not in {r["path"].split("/")[0] for r in server.call("/api/runs")[1]}
+    status, answer = server.call("/api/runs/try/detect/exp", b"", "application/json")
+    assert status == 200 and answer["model"] == "det"  # already served: that name
+    assert server.call("/api/runs/try/../../x", b"", "application/json")[0] == 404
+
+
+def test_the_runs_page_in_a_real_browser(server: Server, weights: dict[str, Path], tmp_path: Path) -> None:
+    """Each run with its curves, plots and configuration; its best weights one click from the predict page."""
+    sync_playwright, chromium = _browser()
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/runs")
+        page.wait_for_selector('.run[data-path="segment/exp"] .curves canvas')
+        page.wait_for_function("document.querySelectorAll('.run .actions button').length >= 5")
+        card = page.locator('.run[data-path="segment/exp"]')
+        assert int(card.locator("canvas").first.get_attribute("data-series") or 0) >= 2  # the losses
+        assert "confusion_matrix.png" in [i.get_attribute("alt") for i in card.locator("img").all()]
+        assert "epochs" in (card.locator(".config").text_content() or "")
+        page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+        card.locator("button").click()
+        page.wait_for_url("**/?model=seg")
+        page.wait_for_function("document.querySelector('#model').value === 'seg'")
+        browser.close()
+    assert errors == []

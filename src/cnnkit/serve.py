@@ -4,6 +4,9 @@
 - ``GET /``: a page to choose a model, drop images and see the predictions drawn (top-k bars, boxes
   re-filtered by a confidence slider without asking the model again, a mask overlay with its legend,
   a localizer's box, landmark points);
+- ``GET /runs`` (with ``--runs DIR``): the training runs under ``DIR`` with their curves, plots and
+  configuration, each run's best weights one click from the page above (files are served only from
+  inside ``DIR``: no ``..``, however encoded, and no symbolic link out);
 - ``GET /health``, ``GET /models`` (name, task, classes, input size, training metrics), the OpenAPI
   description at ``/openapi.json`` (and ``/docs``);
 - ``POST /predict/{model}`` with images as ``multipart/form-data`` files or one image as the raw body
@@ -236,8 +239,11 @@ def create_app(
     limits: Limits = Limits(),
     max_batch: int = 16,
     max_wait_ms: float = 0.0,
+    runs: str | os.PathLike[str] | None = None,
+    device: str = "auto",
 ) -> Any:
-    """The ASGI application serving ``slots`` (see the module's description)."""
+    """The ASGI application serving ``slots`` (see the module's description); ``runs``: the folder whose
+    training runs the runs page shows (and whose best weights it can load)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, JSONResponse
@@ -249,11 +255,16 @@ def create_app(
     batcher = Batcher(max_batch, max_wait_ms)
     token = token or os.environ.get(TOKEN_ENV) or None
 
+    runs_root = Path(runs).resolve() if runs is not None else None
+
+    def start(slot: Slot) -> None:
+        slot.queue = asyncio.Queue()
+        slot.worker = asyncio.create_task(batcher.drain(slot))
+
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
         for slot in slots.values():
-            slot.queue = asyncio.Queue()
-            slot.worker = asyncio.create_task(batcher.drain(slot))
+            start(slot)
         yield
         for slot in slots.values():
             if slot.worker is not None:
@@ -270,7 +281,7 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
-        page = request.url.path == "/" or request.url.path.startswith("/static/")  # holds no data
+        page = request.url.path in ("/", "/runs") or request.url.path.startswith("/static/")  # no data
         if token is not None and not page:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -296,6 +307,48 @@ def create_app(
     async def models() -> list[dict[str, Any]]:
         return [slot.describe() for slot in slots.values()]
 
+    @app.get("/runs", include_in_schema=False)
+    async def runs_page() -> Any:
+        """The training runs under ``--runs``: curves, plots, configuration, their best weights to try."""
+        return FileResponse(STATIC / "runs.html")
+
+    @app.get("/api/runs")
+    async def list_runs() -> Any:
+        if runs_root is None:
+            return error(404, "no runs folder: start the server with --runs DIR")
+        served = {str(Path(s.weights).resolve()): s.name for s in slots.values()}
+        return [_describe_run(run_dir, runs_root, served) for run_dir in _run_dirs(runs_root)]
+
+    @app.get("/api/runs/file/{path:path}")
+    async def run_file(path: str) -> Any:
+        """A file of a run (plots, results.csv, config.yaml, train.log): only inside --runs."""
+        if runs_root is None:
+            return error(404, "no runs folder: start the server with --runs DIR")
+        target = _inside(runs_root, path)
+        if target is None or target.suffix.lower() not in RUN_FILES:
+            return error(404, f"no such run file: {path}")
+        return FileResponse(target)
+
+    @app.post("/api/runs/try/{path:path}")
+    async def try_run(path: str) -> Any:
+        """Serve a run's best weights (loaded once, named by the run's folder) and say under what name."""
+        if runs_root is None:
+            return error(404, "no runs folder: start the server with --runs DIR")
+        run_dir = _inside(runs_root, path)
+        best = None if run_dir is None else run_dir / "weights" / "best.safetensors"
+        if best is None or not best.is_file():
+            return error(404, f"no run with best weights at {path}")
+        for slot in slots.values():
+            if Path(slot.weights).resolve() == best.resolve():
+                return {"model": slot.name}
+        name = run_dir.relative_to(runs_root).as_posix()  # type: ignore[union-attr]
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            batcher.executor, lambda: load_slots([f"{name}={best}"], device)
+        )
+        slots.update(loaded)
+        start(slots[name])
+        return {"model": name}
+
     @app.post("/predict/{model}")
     async def predict(model: str, request: Request) -> Any:
         """One or more images (multipart files, or the raw body) -> the model's predictions."""
@@ -311,6 +364,41 @@ def create_app(
         return {"model": model, "task": slot.spec.name, "predictions": to_json(slot, records)}
 
     return app
+
+
+RUN_FILES = {".png", ".jpg", ".jpeg", ".csv", ".yaml", ".txt", ".json", ".log"}
+
+
+def _inside(root: Path, relative: str) -> Path | None:
+    """``root/relative`` when it exists and is inside ``root`` once every ``..`` and symbolic link is
+    resolved (no path traversal, however encoded: the router has decoded the path); else None."""
+    if not relative or "\x00" in relative or Path(relative).is_absolute():
+        return None
+    target = (root / relative).resolve()
+    return target if target.is_relative_to(root) and target.exists() else None
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Folders under ``root`` holding a ``results.csv`` (a training run), at most four levels down."""
+    found = [p.parent for depth in range(1, 5) for p in root.glob("/".join(["*"] * depth) + "/results.csv")]
+    found += [root] if (root / "results.csv").is_file() else []
+    inside = [d for d in found if d.resolve().is_relative_to(root)]  # a symbolic link out is no run of ours
+    return sorted(set(inside))
+
+
+def _describe_run(run_dir: Path, root: Path, served: dict[str, str]) -> dict[str, Any]:
+    best = run_dir / "weights" / "best.safetensors"
+    meta = read_metadata(best) if best.is_file() else {}
+    relative = run_dir.relative_to(root).as_posix() if run_dir != root else "."
+    return {
+        "path": relative,
+        "task": meta.get("task"),
+        "model": meta.get("model"),
+        "metrics": meta.get("metrics"),
+        "files": sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.suffix.lower() in RUN_FILES),
+        "best": best.is_file(),
+        "served_as": served.get(str(best.resolve())) if best.is_file() else None,
+    }
 
 
 async def _read_images(request: Any, limits: Limits) -> list[Frame]:
@@ -351,6 +439,7 @@ def serve(
     max_batch: int = 16,
     max_wait_ms: float = 0.0,
     device: str = "auto",
+    runs: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``weights`` until interrupted (SIGINT/SIGTERM finish the requests in flight)."""
     try:
@@ -358,5 +447,5 @@ def serve(
     except ImportError:
         raise CnnkitError("cnnkit serve needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
     app = create_app(load_slots(weights, device), token=token, limits=limits, max_batch=max_batch,
-                     max_wait_ms=max_wait_ms)  # fmt: skip
+                     max_wait_ms=max_wait_ms, runs=runs, device=device)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
