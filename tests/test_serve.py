@@ -342,3 +342,61 @@ def test_the_runs_page_in_a_real_browser(server: Server, weights: dict[str, Path
         page.wait_for_function("document.querySelector('#model').value === 'seg'")
         browser.close()
     assert errors == []
+
+
+def test_a_slow_client_does_not_block_the_others(server: Server) -> None:
+    """A client that sends half a body and stalls holds only its own connection."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)))
+    try:
+        stalled.sendall(b"POST /predict/cls HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: 100000\r\n\r\n" + png()[:500])  # fmt: skip
+        start = time.perf_counter()
+        assert server.call("/predict/cls", png(), "image/png")[0] == 200
+        assert time.perf_counter() - start < 10
+    finally:
+        stalled.close()
+    assert server.call("/health")[0] == 200
+
+
+def test_sigterm_finishes_the_requests_in_flight(weights: dict[str, Path], tmp_path: Path) -> None:
+    """``cnnkit serve`` stopped by SIGTERM while a request waits in its batch still answers it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "cnnkit", "serve", "--weights", f"cls={weights['cls']}",
+               "--port", str(port), "--max-wait-ms", "1500"]  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads (it could fill and block)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and process.poll() is None, "cnnkit serve did not start"
+                time.sleep(0.2)
+        client = Server.__new__(Server)
+        client.url = url
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.call, "/predict/cls", png(), "image/png")
+            time.sleep(0.5)  # the request waits in its batch (1.5 s)
+            process.send_signal(signal.SIGTERM)
+            status, out = answer.result(timeout=60)
+        assert status == 200 and out["predictions"]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises it once drained
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
