@@ -223,6 +223,15 @@ def test_two_models_of_one_name_are_refused(weights: dict[str, Path]) -> None:
         load_slots([str(weights["cls"]), str(weights["det"])])
 
 
+def _artifacts(tmp_path: Path) -> Path:
+    """Where the screenshots go: ``$CNNKIT_TEST_ARTIFACTS`` (kept, e.g. by CI), else the test's folder."""
+    import os
+
+    folder = Path(os.environ.get("CNNKIT_TEST_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _browser() -> Any:
     """Playwright driving Debian's chromium; the reason when there is none (the tests then skip)."""
     import shutil
@@ -278,10 +287,10 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
         assert page.locator(".card:first-child .legend span").count() >= 1
         upload("pts")
         assert "4 points" in page.inner_text(".card:first-child .count")
-        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.screenshot(path=str(_artifacts(tmp_path) / "serve_page.png"), full_page=True)
         browser.close()
     assert errors == []
-    assert Image.open(tmp_path / "page.png").size[0] >= 800
+    assert Image.open(_artifacts(tmp_path) / "serve_page.png").size[0] >= 800
 
 
 def test_the_runs_api_serves_only_files_inside_the_runs_folder(
@@ -336,7 +345,7 @@ def test_the_runs_page_in_a_real_browser(server: Server, weights: dict[str, Path
         assert int(card.locator("canvas").first.get_attribute("data-series") or 0) >= 2  # the losses
         assert "confusion_matrix.png" in [i.get_attribute("alt") for i in card.locator("img").all()]
         assert "epochs" in (card.locator(".config").text_content() or "")
-        page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+        page.screenshot(path=str(_artifacts(tmp_path) / "serve_runs.png"), full_page=True)
         card.locator("button").click()
         page.wait_for_url("**/?model=seg")
         page.wait_for_function("document.querySelector('#model').value === 'seg'")
