@@ -409,3 +409,22 @@ def test_sigterm_finishes_the_requests_in_flight(weights: dict[str, Path], tmp_p
         if process.poll() is None:
             process.kill()
         log.close()
+
+
+def test_a_model_that_fails_is_a_json_error_and_the_worker_goes_on(weights: dict[str, Path]) -> None:
+    import dataclasses
+
+    slots = load_slots([f"cls={weights['cls']}"])
+
+    def broken(x: Any) -> Any:
+        raise RuntimeError("out of memory, say")
+
+    slots["cls"].loaded = dataclasses.replace(slots["cls"].loaded, prepared=broken)
+    server = Server(create_app(slots))
+    try:
+        for _ in range(2):  # the second request is answered too: the batch worker survived the first
+            status, out = server.call("/predict/cls", png(), "image/png")
+            assert status == 500 and "cls failed on this batch: RuntimeError: out of memory" in out["error"]
+        assert server.call("/health")[0] == 200
+    finally:
+        server.stop()

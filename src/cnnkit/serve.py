@@ -203,24 +203,27 @@ class Batcher:
                     waiting.append(await asyncio.wait_for(slot.queue.get(), max(0.0, deadline - loop.time())))
                 except TimeoutError:
                     break
-            groups: dict[Any, list[Any]] = {}
-            for item in waiting:
-                groups.setdefault(item[1], []).append(item)
-            for options, items in groups.items():
-                frames = [f for item in items for f in item[0]]
-                try:
-                    records = await loop.run_in_executor(self.executor, _predict, slot, frames, options)
-                except Exception as exc:  # the model failed: each waiting request answers, the server stays
-                    for _, _, done in items:
-                        if not done.done():
-                            done.set_exception(exc)
-                    continue
-                slot.batches, slot.images = slot.batches + 1, slot.images + len(frames)
-                start = 0
-                for item_frames, _, done in items:
-                    if not done.done():  # a client that went away has cancelled its future
-                        done.set_result(records[start : start + len(item_frames)])
-                    start += len(item_frames)
+            groups: dict[str, list[Any]] = {}
+            for item in waiting:  # options compared by value (their repr names every field)
+                groups.setdefault(repr(item[1]), []).append(item)
+            for items in groups.values():
+                await self._run(slot, items, loop)
+
+    async def _run(self, slot: Slot, items: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+        frames = [f for item in items for f in item[0]]
+        try:
+            records = await loop.run_in_executor(self.executor, _predict, slot, frames, items[0][1])
+        except Exception as exc:  # the model failed: each waiting request answers, and the worker goes on
+            for _, _, done in items:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        slot.batches, slot.images = slot.batches + 1, slot.images + len(frames)
+        start = 0
+        for item_frames, _, done in items:
+            if not done.done():  # a client that went away has cancelled its future
+                done.set_result(records[start : start + len(item_frames)])
+            start += len(item_frames)
 
 
 def _predict(slot: Slot, frames: list[Frame], options: Any) -> list[PredictRecord]:
@@ -360,7 +363,10 @@ def create_app(
             frames = await _read_images(request, limits)
         except BadRequest as exc:
             return error(exc.status, exc.message)
-        records = await batcher.submit(slot, frames, options)
+        try:
+            records = await batcher.submit(slot, frames, options)
+        except Exception as exc:  # the model itself failed (not the input): said, and the server stays
+            return error(500, f"{model} failed on this batch: {type(exc).__name__}: {exc}")
         return {"model": model, "task": slot.spec.name, "predictions": to_json(slot, records)}
 
     return app
