@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", action="append", required=True, help="PATH or NAME=PATH; repeat for more models"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set CNNKIT_SERVE_TOKEN)")
     p.add_argument("--max-batch", type=int, default=16, help="images run together at most")
     p.add_argument(
