@@ -1,15 +1,9 @@
 // cnnkit serve's page: choose a model, drop images, see what it predicts. Plain JS, no build step.
 "use strict";
-const $ = (id) => document.getElementById(id);
 const state = { models: [], cards: [] };
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
   "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"];
 const colour = (k) => PALETTE[k % PALETTE.length];
-
-function headers(extra) {
-  const token = $("token").value || sessionStorage.getItem("cnnkit-token") || "";
-  return token ? { ...extra, Authorization: "Bearer " + token } : { ...extra };
-}
 
 function model() { return state.models.find((m) => m.name === $("model").value); }
 
@@ -178,5 +172,5 @@ $("conf").addEventListener("input", () => {
   state.cards.forEach(render); // re-filter the boxes already predicted: no new request
 });
 $("opacity").addEventListener("input", () => state.cards.forEach(render));
-$("token").addEventListener("change", () => { sessionStorage.setItem("cnnkit-token", $("token").value); loadModels(); });
+onToken(loadModels);
 loadModels();

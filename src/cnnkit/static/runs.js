@@ -1,12 +1,6 @@
 // cnnkit serve's runs page: each training run's curves (results.csv), plots, configuration, best weights.
 "use strict";
-const $ = (id) => document.getElementById(id);
 const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
-
-function headers(extra) {
-  const token = $("token").value || sessionStorage.getItem("cnnkit-token") || "";
-  return token ? { ...extra, Authorization: "Bearer " + token } : { ...extra };
-}
 
 const fileUrl = (run, name) => `api/runs/file/${run.path.split("/").map(encodeURIComponent).join("/")}/${name}`;
 
@@ -117,5 +111,5 @@ async function load() {
   for (const run of answer) await showRun(run);
 }
 
-$("token").addEventListener("change", () => { sessionStorage.setItem("cnnkit-token", $("token").value); load(); });
+onToken(load);
 load();
