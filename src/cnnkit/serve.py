@@ -86,13 +86,14 @@ class Slot:
             "imgsz": self.meta.get("imgsz"),
             "metrics": self.meta.get("metrics"),
             "weights": Path(self.weights).name,
-            "options": [f.name for f in dataclasses.fields(self.spec.PredictOptions or _NoOptions)],
+            "options": sorted(_option_fields(self.spec)),
         }
 
 
-@dataclass
-class _NoOptions:
-    pass
+def _option_fields(spec: TaskSpec) -> dict[str, dataclasses.Field[Any]]:
+    """The task's predict options by name (none for a task without them)."""
+    cls = spec.PredictOptions
+    return {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
 
 
 def load_slots(weights: Sequence[str], device: str = "auto", fast: bool = True) -> dict[str, Slot]:
@@ -137,7 +138,7 @@ def decode(data: bytes, name: str, limits: Limits) -> Frame:
 def query_options(spec: TaskSpec, params: dict[str, str]) -> Any:
     """The task's predict options from query parameters (strings, converted by each field's default)."""
     cls = spec.PredictOptions
-    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    fields = _option_fields(spec)
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise BadRequest(400, f"unknown options {unknown}; {spec.name} takes {sorted(fields)}")
@@ -260,6 +261,11 @@ def create_app(
 
     runs_root = Path(runs).resolve() if runs is not None else None
 
+    def runs_folder() -> Path:
+        if runs_root is None:  # answered as JSON by the BadRequest handler
+            raise BadRequest(404, "no runs folder: start the server with --runs DIR")
+        return runs_root
+
     def start(slot: Slot) -> None:
         slot.queue = asyncio.Queue()
         slot.worker = asyncio.create_task(batcher.drain(slot))
@@ -289,10 +295,12 @@ def create_app(
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return error(401, "a bearer token is required: Authorization: Bearer TOKEN")
-        try:
-            return await call_next(request)
-        except BadRequest as exc:
-            return error(exc.status, exc.message)
+        return await call_next(request)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> Any:
+        """Every route's refusal of its input: the status and one line naming the problem, as JSON."""
+        return error(exc.status, exc.message)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Any:
@@ -317,17 +325,15 @@ def create_app(
 
     @app.get("/api/runs")
     async def list_runs() -> Any:
-        if runs_root is None:
-            return error(404, "no runs folder: start the server with --runs DIR")
+        root = runs_folder()
         served = {str(Path(s.weights).resolve()): s.name for s in slots.values()}
-        return [_describe_run(run_dir, runs_root, served) for run_dir in _run_dirs(runs_root)]
+        return [_describe_run(run_dir, root, served) for run_dir in _run_dirs(root)]
 
     @app.get("/api/runs/file/{path:path}")
     async def run_file(path: str) -> Any:
         """A file of a run (plots, results.csv, config.yaml, train.log): only inside --runs."""
-        if runs_root is None:
-            return error(404, "no runs folder: start the server with --runs DIR")
-        target = _inside(runs_root, path)
+        root = runs_folder()
+        target = _inside(root, path)
         if target is None or target.suffix.lower() not in RUN_FILES:
             return error(404, f"no such run file: {path}")
         return FileResponse(target)
@@ -335,16 +341,15 @@ def create_app(
     @app.post("/api/runs/try/{path:path}")
     async def try_run(path: str) -> Any:
         """Serve a run's best weights (loaded once, named by the run's folder) and say under what name."""
-        if runs_root is None:
-            return error(404, "no runs folder: start the server with --runs DIR")
-        run_dir = _inside(runs_root, path)
+        root = runs_folder()
+        run_dir = _inside(root, path)
         best = None if run_dir is None else run_dir / "weights" / "best.safetensors"
         if best is None or not best.is_file():
             return error(404, f"no run with best weights at {path}")
         for slot in slots.values():
             if Path(slot.weights).resolve() == best.resolve():
                 return {"model": slot.name}
-        name = run_dir.relative_to(runs_root).as_posix()  # type: ignore[union-attr]
+        name = run_dir.relative_to(root).as_posix()  # type: ignore[union-attr]
         loaded = await asyncio.get_running_loop().run_in_executor(
             batcher.executor, lambda: load_slots([f"{name}={best}"], device)
         )
@@ -358,11 +363,8 @@ def create_app(
         slot = slots.get(model)
         if slot is None:
             return error(404, f"no model {model!r}; served: {sorted(slots)}")
-        try:
-            options = query_options(slot.spec, dict(request.query_params))
-            frames = await _read_images(request, limits)
-        except BadRequest as exc:
-            return error(exc.status, exc.message)
+        options = query_options(slot.spec, dict(request.query_params))
+        frames = await _read_images(request, limits)
         try:
             records = await batcher.submit(slot, frames, options)
         except Exception as exc:  # the model itself failed (not the input): said, and the server stays

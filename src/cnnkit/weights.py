@@ -29,6 +29,7 @@ from torch import nn
 
 from cnnkit.errors import WeightsError
 from cnnkit.io import atomic_path
+from cnnkit.layers import set_bn_eps
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +290,7 @@ def _use_bn_eps(model: nn.Module, eps: float, report: LoadReport) -> None:
         return
     if "bn_eps" not in inspect.signature(type(model).__init__).parameters:
         return
-    for m in norms:
-        m.eps = eps
+    set_bn_eps(model, eps)
     if isinstance(config, dict):
         config.setdefault("args", {})["bn_eps"] = eps
     report.conventions.append(f"BatchNorm epsilon {eps:g} (timm's)")

@@ -173,7 +173,7 @@ class Predictor:
         if self._loaded is None:
             self._loaded = Loaded.of(self.weights, self.task, **self._load)
         results = []
-        for record in run.predict(self.weights, frames, options=chosen, loaded=self._loaded, **self._load):
+        for record in run.predict(self.weights, frames, options=chosen, loaded=self._loaded):
             name = record.data["path"]
             results.append(Result(self.task, name, images[name], record.data, self.names, record.arrays))
         return results
