@@ -102,11 +102,12 @@ class Server:
             return exc.code, json.loads(exc.read())
 
 
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+def multipart(files: list[tuple[str, bytes]], kinds: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A form of ``files`` (PNGs unless ``kinds`` names another content type for a file)."""
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
+        f"Content-Type: {(kinds or {}).get(name, 'image/png')}\r\n\r\n".encode()
         + data
         + b"\r\n"
         for name, data in files
@@ -124,7 +125,7 @@ def png(size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB") -> b
 @pytest.fixture(scope="module")
 def server(weights: dict[str, Path]) -> Iterator[Server]:
     slots = load_slots([f"{name}={path}" for name, path in weights.items()])
-    limits = Limits(max_bytes=300_000, max_pixels=2_000_000, max_images=8)
+    limits = Limits(max_bytes=300_000, max_pixels=2_000_000, max_images=8, max_frames=40)
     runs = weights["cls"].parents[3]  # runs/<task>/exp/weights/best.safetensors
     running = Server(create_app(slots, limits=limits, max_batch=16, max_wait_ms=100, runs=runs))
     yield running
@@ -189,10 +190,73 @@ def test_bad_input_is_a_4xx_json_error_and_the_next_request_works(server: Server
     assert server.call("/predict/cls", image, "image/png")[0] == 200
 
 
+def video(frames: int = 10, fps: int = 5, size: tuple[int, int] = (64, 48), form: str = "webm") -> bytes:
+    """A clip of a red square moving right on grey (VP8 in WebM, which any browser plays; or MPEG-4)."""
+    av = pytest.importorskip("av")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=form) as out:
+        stream = out.add_stream("libvpx" if form == "webm" else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), 90, np.uint8)
+            pixels[10:30, 4 + 3 * i : 24 + 3 * i] = (220, 40, 40)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_a_video_is_predicted_frame_by_frame(server: Server) -> None:
+    """Every task answers per sampled frame (index, time, the image's records); ``fps`` samples; a
+    video in a form beside an image; the frame limit, a cut or false video are 4xx errors."""
+    clip = video()
+    for model in ("cls", "det", "seg", "loc", "pts"):
+        status, out = server.call(f"/predict/{model}", clip, "video/webm")
+        assert status == 200 and out["predictions"] == [], out
+        (answer,) = out["videos"]
+        assert (answer["width"], answer["height"], answer["fps"], answer["duration"]) == (64, 48, 5.0, 2.0)
+        assert [f["index"] for f in answer["frames"]] == list(range(10)) and answer["note"] is None
+        assert [f["time"] for f in answer["frames"]] == pytest.approx([i / 5 for i in range(10)])
+    assert len(out["videos"][0]["frames"][3]["predictions"][0]["points"]) == 4
+    status, out = server.call("/predict/det?conf=0&max_det=2&fps=2", video(form="mp4"), "video/mp4")
+    frames = out["videos"][0]["frames"]
+    assert status == 200 and [f["index"] for f in frames] == [0, 3, 5, 8]  # first frames at 0, .5, 1, 1.5 s
+    assert all(len(f["predictions"]) == 2 and "bbox" in f["predictions"][0] for f in frames)
+    status, out = server.call("/predict/seg?fps=1", clip, "application/octet-stream")  # told by its bytes
+    second = out["videos"][0]["frames"][1]["predictions"][0]
+    mask = Image.open(io.BytesIO(base64.b64decode(second["mask_png"])))
+    assert status == 200 and mask.size == (64, 48) and len(out["videos"][0]["frames"]) == 2
+    body, kind = multipart([("a.png", png()), ("clip.webm", clip)], {"clip.webm": "video/webm"})
+    status, out = server.call("/predict/cls?topk=1", body, kind)
+    assert status == 200 and [p["path"] for p in out["predictions"]] == ["a.png"]
+    assert out["videos"][0]["name"] == "clip.webm" and len(out["videos"][0]["frames"]) == 10
+    long = video(frames=60, fps=10)
+    status, out = server.call("/predict/cls", long, "video/webm")
+    assert status == 413 and "more than 40 frames (every frame)" in out["error"], out
+    assert server.call("/predict/cls?fps=5", long, "video/webm")[0] == 200  # 6 s at 5 fps: 30 frames
+    status, out = server.call("/predict/cls", long[: len(long) * 2 // 3], "video/webm")
+    assert status == 413  # announces 6 s: refused before decoding
+    status, out = server.call("/predict/cls?fps=5", long[: len(long) * 2 // 3], "video/webm")
+    assert status == 200 and "cut short" in out["videos"][0]["note"] and len(out["videos"][0]["frames"]) < 30
+    cases = [
+        (video(form="mp4")[:900], "video/mp4", 400, "or one cut short"),
+        (b"\x00" * 500, "video/webm", 400, "video0: not a video"),
+        (b"", "video/mp4", 400, "video0: empty"),
+    ]
+    for data, kind, code, message in cases:
+        status, out = server.call("/predict/cls", data, kind)
+        assert status == code and message in out["error"], out
+    status, out = server.call("/predict/cls?fps=-1", clip, "video/webm")
+    assert status == 400 and "not a positive number" in out["error"]
+    assert server.call("/health")[0] == 200
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.one_of(st.binary(max_size=2000), st.integers(0, 3000).map(lambda n: png()[:n])))
-def test_fuzzed_uploads_never_break_the_server(server: Server, data: bytes) -> None:
-    status, out = server.call("/predict/det", data, "image/png")
+@given(
+    data=st.one_of(st.binary(max_size=2000), st.integers(0, 3000).map(lambda n: png()[:n])),
+    kind=st.sampled_from(["image/png", "video/mp4", "application/octet-stream"]),
+)
+def test_fuzzed_uploads_never_break_the_server(server: Server, data: bytes, kind: str) -> None:
+    status, out = server.call("/predict/det", data, kind)
     assert status == 200 or (400 <= status < 500 and out["error"]), out
     assert server.call("/health")[0] == 200
 
@@ -291,6 +355,51 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
         browser.close()
     assert errors == []
     assert Image.open(_artifacts(tmp_path) / "serve_page.png").size[0] >= 800
+
+
+def test_a_video_in_a_real_browser(server: Server, tmp_path: Path) -> None:
+    """A dropped video plays with its frame's predictions drawn over it: seeking shows the frame sampled
+    at or before that time, and the sliders re-filter without a new request."""
+    sync_playwright, chromium = _browser()
+    clip = tmp_path / "clip.webm"
+    clip.write_bytes(video(frames=20, fps=10, size=(96, 64)))
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length >= 5")
+        for model, fps, frames in (("seg", "10", 20), ("det", "4", 8)):
+            page.select_option("#model", model)
+            page.fill("#fps", fps)
+            page.set_input_files("#files", str(clip))
+            page.wait_for_selector(f".card:first-child[data-frames='{frames}'][data-frame]")
+        assert page.locator(".card:nth-child(2) .legend span").count() >= 1  # the segmenter's video
+        batches = server.call("/health")[1]["models"]["det"]["batches"]
+
+        def seek(seconds: float) -> str:
+            page.eval_on_selector(".card:first-child video", f"v => {{ v.currentTime = {seconds}; }}")
+            page.wait_for_function(
+                f"document.querySelector('.card:first-child video').currentTime === {seconds}"
+                " && !document.querySelector('.card:first-child video').seeking"
+            )
+            page.wait_for_timeout(100)
+            return page.get_attribute(".card:first-child", "data-frame") or ""
+
+        # sampled at 0, .3, .5, .8, 1, 1.3, 1.5 and 1.8 s
+        assert [seek(t) for t in (0.0, 0.72, 1.0, 1.9)] == ["0", "5", "10", "18"]
+        page.eval_on_selector("#conf", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+        assert int(page.get_attribute(".card:first-child", "data-boxes") or -1) > 0
+        page.eval_on_selector("#conf", "e => { e.value = '1'; e.dispatchEvent(new Event('input')); }")
+        assert page.get_attribute(".card:first-child", "data-boxes") == "0"
+        assert server.call("/health")[1]["models"]["det"]["batches"] == batches  # no new request
+        page.eval_on_selector("#conf", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+        assert "frame 18 (8 of 8 predicted)" in page.inner_text(".card:first-child .frame")
+        page.screenshot(path=str(_artifacts(tmp_path) / "serve_video.png"), full_page=True)
+        browser.close()
+    assert errors == []
 
 
 def test_the_runs_api_serves_only_files_inside_the_runs_folder(

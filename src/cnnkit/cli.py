@@ -105,7 +105,8 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cnnkit.serve import Limits, serve
 
-    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_images=args.max_images,
+                    max_video_bytes=args.max_video_bytes, max_frames=args.max_frames)  # fmt: skip
     serve(args.weights, host=args.host, port=args.port, token=args.token, limits=limits, runs=args.runs,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device)  # fmt: skip
     return 0
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=20_000_000, help="bytes per image")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image")
     p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--max-video-bytes", type=int, default=200_000_000, help="bytes per video")
+    p.add_argument("--max-frames", type=int, default=600, help="frames taken from one video (at its ?fps=)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--runs", help="a folder of training runs for the runs page (e.g. runs/)")
     p.set_defaults(func=cmd_serve)

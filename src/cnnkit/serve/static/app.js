@@ -11,6 +11,7 @@ async function loadModels() {
   const response = await fetch("models", { headers: headers() });
   if (!response.ok) { $("status").textContent = (await response.json()).error; return; }
   state.models = await response.json();
+  state.limits = (await (await fetch("health", { headers: headers() })).json()).limits;
   $("model").innerHTML = "";
   for (const m of state.models) $("model").add(new Option(`${m.name} (${m.task})`, m.name));
   const wanted = new URLSearchParams(location.search).get("model");
@@ -26,31 +27,89 @@ function showModel() {
   $("opacity-control").hidden = m.task !== "segment";
 }
 
-async function predict(file) {
-  const m = model();
+const isVideo = (file) => file.type.startsWith("video/") || /\.(mp4|webm|mkv|mov|avi|m4v|mpe?g|wmv)$/i.test(file.name);
+
+function newCard(file, m, body) {
   const card = { file, model: m, el: document.createElement("div") };
   card.el.className = "card";
-  card.el.innerHTML = `<h2></h2><canvas></canvas><div class="extra"></div>`;
+  card.el.innerHTML = `<h2></h2>${body}<div class="extra"></div>`;
   card.el.querySelector("h2").textContent = file.name;
   $("results").prepend(card.el);
   state.cards.push(card);
+  return card;
+}
+
+// POST the file as the raw body; the answer's JSON, or null with the server's error shown on the card.
+async function ask(card, query) {
+  const m = card.model;
+  const response = await fetch(`predict/${encodeURIComponent(m.name)}?${query}`, {
+    method: "POST", body: card.file,
+    headers: headers({ "Content-Type": card.file.type || "application/octet-stream" }),
+  });
+  const answer = await response.json();
+  if (response.ok) return answer;
+  card.el.querySelector(".extra").innerHTML = `<p class="error"></p>`;
+  card.el.querySelector(".error").textContent = answer.error;
+  return null;
+}
+
+// Detection asks for every box (the slider filters them here, without asking again).
+const detectQuery = (m) => (m.task === "detect" ? "conf=0&max_det=100" : "");
+
+async function predict(file) {
+  if (isVideo(file)) return predictVideo(file);
+  const m = model();
+  const card = newCard(file, m, "<canvas></canvas>");
   try {
     card.bitmap = await createImageBitmap(file);
   } catch (e) {
     card.bitmap = null;
   }
-  const query = m.task === "detect" ? "?conf=0&max_det=100" : ""; // the slider filters these
-  const response = await fetch(`predict/${encodeURIComponent(m.name)}${query}`, {
-    method: "POST", body: file, headers: headers({ "Content-Type": file.type || "application/octet-stream" }),
-  });
-  const answer = await response.json();
-  if (!response.ok) {
-    card.el.querySelector(".extra").innerHTML = `<p class="error"></p>`;
-    card.el.querySelector(".error").textContent = answer.error;
-    return;
-  }
+  const answer = await ask(card, detectQuery(m));
+  if (!answer) return;
   card.predictions = answer.predictions;
   if (m.task === "segment") card.mask = await maskImage(answer.predictions[0].mask_png);
+  render(card);
+}
+
+// A short video: the server predicts on its frames (at most the chosen frames per second, and never more
+// frames than it takes); the page plays it with the frame's predictions drawn over it as it plays.
+async function predictVideo(file) {
+  const m = model();
+  const card = newCard(file, m, `<div class="stage"><video controls muted playsinline></video><canvas></canvas></div>`);
+  const video = card.el.querySelector("video");
+  card.video = video;
+  video.src = URL.createObjectURL(file);
+  const status = card.el.querySelector(".extra");
+  const playable = await new Promise((ok) => { video.onloadedmetadata = () => ok(true); video.onerror = () => ok(false); });
+  if (!playable) { status.textContent = `${file.name}: this browser cannot play the video`; return; }
+  let fps = parseFloat($("fps").value) || 5;
+  if (isFinite(video.duration) && video.duration > 0 && state.limits) fps = Math.min(fps, 0.95 * state.limits.max_frames / video.duration);
+  status.textContent = `predicting at ${fps.toFixed(2)} frames per second...`;
+  const answer = await ask(card, [detectQuery(m), `fps=${fps.toFixed(4)}`].filter(Boolean).join("&"));
+  if (!answer) return;
+  const clip = answer.videos[0];
+  card.frames = clip.frames;
+  card.note = clip.note;
+  if (m.task === "segment") for (const f of card.frames) f.mask = await maskImage(f.predictions[0].mask_png);
+  card.el.dataset.frames = String(card.frames.length);
+  const show = () => showFrame(card);
+  video.addEventListener("timeupdate", show);
+  video.addEventListener("seeked", show);
+  const follow = () => { show(); video.requestVideoFrameCallback(follow); };
+  if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(follow);
+  show();
+}
+
+// The predictions of the last sampled frame at or before the video's current time.
+function showFrame(card) {
+  const t = card.video.currentTime + 1e-3;
+  let k = 0;
+  while (k + 1 < card.frames.length && card.frames[k + 1].time <= t) k++;
+  const frame = card.frames[k];
+  card.predictions = frame.predictions;
+  card.mask = frame.mask;
+  card.el.dataset.frame = String(frame.index);
   render(card);
 }
 
@@ -64,15 +123,35 @@ async function maskImage(b64) {
   return ctx.getImageData(0, 0, image.width, image.height);
 }
 
+// The mask's classes in their colours at `alpha` (background clear), to draw over the image or video.
+function maskOverlay(mask, alpha) {
+  const layer = new ImageData(mask.width, mask.height);
+  for (let i = 0; i < mask.width * mask.height; i++) {
+    const k = mask.data[4 * i];
+    if (k === 0) continue; // background shows the image
+    const c = colour(k);
+    for (let j = 0; j < 3; j++) layer.data[4 * i + j] = parseInt(c.slice(1 + 2 * j, 3 + 2 * j), 16);
+    layer.data[4 * i + 3] = Math.round(255 * alpha);
+  }
+  const canvas = new OffscreenCanvas(mask.width, mask.height);
+  canvas.getContext("2d").putImageData(layer, 0, 0);
+  return canvas;
+}
+
 function render(card) {
   const canvas = card.el.querySelector("canvas");
   const extra = card.el.querySelector(".extra");
-  if (!card.bitmap || !card.predictions) return;
+  if (!card.predictions || !(card.bitmap || card.video)) return;
   const ctx = canvas.getContext("2d");
-  canvas.width = card.bitmap.width;
-  canvas.height = card.bitmap.height;
-  canvas.style.width = `${Math.min(500, Math.max(320, canvas.width))}px`; // small images shown larger
-  ctx.drawImage(card.bitmap, 0, 0);
+  if (card.video) { // a transparent layer over the playing video
+    canvas.width = card.video.videoWidth;
+    canvas.height = card.video.videoHeight;
+  } else {
+    canvas.width = card.bitmap.width;
+    canvas.height = card.bitmap.height;
+    canvas.style.width = `${Math.min(500, Math.max(320, canvas.width))}px`; // small images shown larger
+    ctx.drawImage(card.bitmap, 0, 0);
+  }
   const names = card.model.classes || [];
   const task = card.model.task;
   ctx.lineWidth = Math.max(1, canvas.width / 250);
@@ -104,21 +183,9 @@ function render(card) {
     extra.querySelector(".count").textContent = `${shown.length} boxes with score ≥ ${conf.toFixed(2)}`;
     card.el.dataset.boxes = String(shown.length);
   } else if (task === "segment") {
-    const mask = card.mask;
-    const overlay = ctx.getImageData(0, 0, canvas.width, canvas.height);
-    const alpha = parseFloat($("opacity").value);
+    ctx.drawImage(maskOverlay(card.mask, parseFloat($("opacity").value)), 0, 0);
     const present = new Set();
-    for (let i = 0; i < mask.width * mask.height; i++) {
-      const k = mask.data[4 * i];
-      present.add(k);
-      if (k === 0) continue; // background shows the image
-      const c = colour(k);
-      for (let j = 0; j < 3; j++) {
-        const v = parseInt(c.slice(1 + 2 * j, 3 + 2 * j), 16);
-        overlay.data[4 * i + j] = overlay.data[4 * i + j] * (1 - alpha) + v * alpha;
-      }
-    }
-    ctx.putImageData(overlay, 0, 0);
+    for (let i = 0; i < card.mask.width * card.mask.height; i++) present.add(card.mask.data[4 * i]);
     extra.innerHTML = `<div class="legend"></div>`;
     for (const k of [...present].sort((a, b) => a - b)) {
       const item = document.createElement("span");
@@ -147,6 +214,13 @@ function render(card) {
     });
     extra.innerHTML = `<p class="count"></p>`;
     extra.querySelector(".count").textContent = `${card.predictions[0].points.length} points`;
+  }
+  if (card.video) {
+    const line = document.createElement("p");
+    line.className = "frame muted";
+    const k = card.frames.findIndex((f) => f.predictions === card.predictions);
+    line.textContent = `frame ${card.el.dataset.frame} (${k + 1} of ${card.frames.length} predicted)${card.note ? "; " + card.note : ""}`;
+    extra.append(line);
   }
 }
 

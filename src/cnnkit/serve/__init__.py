@@ -9,26 +9,27 @@
   inside ``DIR``: no ``..``, however encoded, and no symbolic link out);
 - ``GET /health``, ``GET /models`` (name, task, classes, input size, training metrics), the OpenAPI
   description at ``/openapi.json`` (and ``/docs``);
-- ``POST /predict/{model}`` with images as ``multipart/form-data`` files or one image as the raw body
-  (``image/*`` or ``application/octet-stream``); the task's predict options (``conf``, ``iou``,
-  ``topk``...) as query parameters; the answer holds the same records as ``cnnkit predict --json``
-  (segmentation adds each mask as a PNG in base64).
+- ``POST /predict/{model}`` with images or short videos as ``multipart/form-data`` files or one as the
+  raw body (``image/*``, ``video/*`` or ``application/octet-stream``); the task's predict options
+  (``conf``, ``iou``, ``topk``...) as query parameters, and ``fps`` (the frames per second taken from a
+  video; default every frame); the answer holds the same records as ``cnnkit predict --json``
+  (segmentation adds each mask as a PNG in base64), a video's per frame with the frame's time.
 
 Requests of many clients are batched: each model has a queue that a worker drains every ``max_wait_ms``
 or ``max_batch`` images, running the model in one thread beside the event loop (which keeps serving).
 Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem: not an image, a truncated one,
-over the byte or pixel limits (decompression bombs included), an unknown model or option, a wrong
-content type; a bearer ``token`` (or ``CNNKIT_SERVE_TOKEN``) is required on every API request when set
-(the page and its scripts hold no data; the page asks for the token).
+over the byte or pixel limits (decompression bombs included), a video over the frame limit, an unknown
+model or option, a wrong content type; a bearer ``token`` (or ``CNNKIT_SERVE_TOKEN``) is required on every
+API request when set (the page and its scripts hold no data; the page asks for the token).
 """
 
 import asyncio
 import base64
 import dataclasses
 import io
+import itertools
 import os
 import secrets
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from cnnkit.data.images import Frame, to_image_tensor
+from cnnkit.data.images import Frame
 from cnnkit.errors import CnnkitError
+from cnnkit.serve.uploads import BadRequest, Limits, Video, parse_fps, read_uploads
 from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows import run
 from cnnkit.workflows.common import Loaded
@@ -47,21 +49,6 @@ from cnnkit.workflows.spec import PredictRecord, TaskSpec, get_task
 
 TOKEN_ENV = "CNNKIT_SERVE_TOKEN"
 STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JS, no build step, no CDN
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may send: bytes per image, pixels per image, images per request."""
-
-    max_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    max_images: int = 64
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass
@@ -108,31 +95,6 @@ def load_slots(weights: Sequence[str], device: str = "auto", fast: bool = True) 
         task = task_of(meta)
         slots[name] = Slot(name, path, get_task(task), meta, Loaded.of(path, task, device=device, fast=fast))
     return slots
-
-
-def decode(data: bytes, name: str, limits: Limits) -> Frame:
-    """One uploaded image, checked before its pixels are decoded (size, pixel count) and while they are."""
-    if len(data) > limits.max_bytes:
-        raise BadRequest(413, f"{name}: {len(data):,} bytes, over the limit of {limits.max_bytes:,}")
-    if not data:
-        raise BadRequest(400, f"{name}: empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            w, h = image.size
-            if w * h > limits.max_pixels:
-                raise BadRequest(413, f"{name}: {w}x{h} pixels, over the limit of {limits.max_pixels:,}")
-            image.load()
-    except BadRequest:
-        raise
-    except UnidentifiedImageError:
-        raise BadRequest(400, f"{name}: not an image PIL can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadRequest(413, f"{name}: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise BadRequest(400, f"{name}: a truncated or corrupt image ({exc})") from None
-    return Frame(Path(name), to_image_tensor(image, name))
 
 
 def query_options(spec: TaskSpec, params: dict[str, str]) -> Any:
@@ -312,6 +274,7 @@ def create_app(
         return {
             "status": "ok",
             "models": {n: {"batches": s.batches, "images": s.images} for n, s in slots.items()},
+            "limits": dataclasses.asdict(limits),
         }
 
     @app.get("/models")
@@ -359,17 +322,44 @@ def create_app(
 
     @app.post("/predict/{model}")
     async def predict(model: str, request: Request) -> Any:
-        """One or more images (multipart files, or the raw body) -> the model's predictions."""
+        """Images and short videos (multipart files, or the raw body) -> the model's predictions: images'
+        under ``predictions``; each video's frames (sampled at ``?fps=``, else every frame) under
+        ``videos``, each frame with its index, time and predictions."""
         slot = slots.get(model)
         if slot is None:
             return error(404, f"no model {model!r}; served: {sorted(slots)}")
-        options = query_options(slot.spec, dict(request.query_params))
-        frames = await _read_images(request, limits)
+        params = dict(request.query_params)
+        fps = parse_fps(params.pop("fps", None))
+        options = query_options(slot.spec, params)
+        uploads = await read_uploads(request, limits, fps)
+        frames = [u for u in uploads if isinstance(u, Frame)]
         try:
-            records = await batcher.submit(slot, frames, options)
+            records = await batcher.submit(slot, frames, options) if frames else []
+            videos = [await _predict_video(slot, v, options) for v in uploads if isinstance(v, Video)]
+        except BadRequest:
+            raise
         except Exception as exc:  # the model itself failed (not the input): said, and the server stays
             return error(500, f"{model} failed on this batch: {type(exc).__name__}: {exc}")
-        return {"model": model, "task": slot.spec.name, "predictions": to_json(slot, records)}
+        finally:
+            for upload in uploads:
+                if isinstance(upload, Video):
+                    upload.container.close()
+        answer = {"model": model, "task": slot.spec.name, "predictions": to_json(slot, records)}
+        return {**answer, "videos": videos} if videos else answer
+
+    async def _predict_video(slot: Slot, video: Video, options: Any) -> dict[str, Any]:
+        """The video's frames decoded ``max_batch`` at a time (memory bounded by one batch, not by the
+        video) and queued with every other request's images."""
+        from starlette.concurrency import run_in_threadpool
+
+        stream = video.frames()
+        out: list[dict[str, Any]] = []
+        while chunk := await run_in_threadpool(lambda: list(itertools.islice(stream, batcher.max_batch))):
+            records = await batcher.submit(slot, chunk, options)
+            for frame, record in zip(chunk, records):
+                time = video.times[len(out)]
+                out.append({"index": frame.index, "time": time, "predictions": to_json(slot, [record])})
+        return {**video.describe(), "frames": out}
 
     return app
 
@@ -407,34 +397,6 @@ def _describe_run(run_dir: Path, root: Path, served: dict[str, str]) -> dict[str
         "best": best.is_file(),
         "served_as": served.get(str(best.resolve())) if best.is_file() else None,
     }
-
-
-async def _read_images(request: Any, limits: Limits) -> list[Frame]:
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
-
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
-        try:
-            form = await request.form(max_files=limits.max_images, max_fields=limits.max_images)
-        except Exception as exc:  # starlette's parser errors: a malformed or oversized form
-            raise BadRequest(400, f"unreadable multipart form ({exc})") from None
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise BadRequest(400, "the form holds no files")
-        blobs = [(f.filename or f"image{i}", await f.read(limits.max_bytes + 1)) for i, f in enumerate(files)]
-    elif kind.startswith("image/") or kind == "application/octet-stream":
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_bytes:
-                raise BadRequest(413, f"the body is over the limit of {limits.max_bytes:,} bytes")
-        blobs = [("image0", bytes(body))]
-    else:
-        raise BadRequest(
-            415, f"send images as multipart/form-data or image/* bodies, not {kind or 'nothing'}"
-        )
-    return [await run_in_threadpool(decode, data, name, limits) for name, data in blobs]
 
 
 def serve(
