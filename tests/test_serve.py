@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torchvision.ops import batched_nms
 
 import cnnkit
 from cnnkit.data import builtin
@@ -337,15 +339,30 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
         upload("det")
         before = server.call("/health")[1]["models"]["det"]["batches"]
 
-        def boxes_at(conf: str) -> int:
-            page.eval_on_selector(
-                "#conf", "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", conf
-            )
+        def boxes_at(conf: str, iou: str = "0.45") -> int:
+            for slider, value in (("#conf", conf), ("#iou", iou)):
+                page.eval_on_selector(
+                    slider, "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", value
+                )
             return int(page.get_attribute(".card:first-child", "data-boxes") or -1)
 
         many, none = boxes_at("0.0"), boxes_at("1.0")
         assert many > 0 and none == 0 and "0 boxes" in page.inner_text(".card:first-child .count")
-        assert server.call("/health")[1]["models"]["det"]["batches"] == before  # no new request
+        loose, tight = boxes_at("0.0", "0.95"), boxes_at("0.0", "0.1")
+        assert loose > tight > 0  # the IoU slider runs NMS on the page
+        query = "/predict/det?conf=0.001&iou=1&max_det=1000"  # what the page asked for: no NMS yet
+        raw = server.call(query, image.read_bytes(), "image/png")[1]["predictions"]
+        xywh = torch.tensor([b["bbox"] for b in raw])
+        scores, classes = (
+            torch.tensor([b["score"] for b in raw]),
+            torch.tensor([b["category_id"] for b in raw]),
+        )
+        for iou in ("0.3", "0.6"):  # the page's NMS is torchvision's, on the boxes it was sent
+            keep = batched_nms(
+                torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), scores, classes, float(iou)
+            )
+            assert boxes_at("0.0", iou) == len(keep)
+        assert server.call("/health")[1]["models"]["det"]["batches"] == before + 1  # the call above
         boxes_at("0.0")
         upload("seg")
         assert page.locator(".card:first-child .legend span").count() >= 1

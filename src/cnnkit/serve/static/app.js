@@ -22,8 +22,9 @@ async function loadModels() {
 function showModel() {
   const m = model();
   if (!m) return;
-  $("task").textContent = `${m.task}, ${(m.classes || []).length} classes, input ${m.imgsz}`;
-  $("conf-control").hidden = m.task !== "detect";
+  const classes = (m.classes || []).length ? `, ${m.classes.length} classes` : "";
+  $("task").textContent = `${m.task}${classes}, input ${m.imgsz}`;
+  $("conf-control").hidden = $("iou-control").hidden = m.task !== "detect";
   $("opacity-control").hidden = m.task !== "segment";
 }
 
@@ -53,8 +54,25 @@ async function ask(card, query) {
   return null;
 }
 
-// Detection asks for every box (the slider filters them here, without asking again).
-const detectQuery = (m) => (m.task === "detect" ? "conf=0&max_det=100" : "");
+// Detection asks for the boxes before NMS (the best `most` scored 0.001 up): the confidence and
+// IoU sliders filter them here, without asking the model again.
+const detectQuery = (m, most) => (m.task === "detect" ? `conf=0.001&iou=1&max_det=${most}` : "");
+
+const iou = (a, b) => {
+  const w = Math.min(a[0] + a[2], b[0] + b[2]) - Math.max(a[0], b[0]);
+  const h = Math.min(a[1] + a[3], b[1] + b[3]) - Math.max(a[1], b[1]);
+  const inter = Math.max(0, w) * Math.max(0, h);
+  return inter / (a[2] * a[3] + b[2] * b[3] - inter || 1);
+};
+
+// Class-aware NMS of COCO boxes ([x, y, w, h]) above `conf`, as the server does it (greedy, best first).
+function nms(boxes, conf, threshold) {
+  const kept = [];
+  for (const b of boxes.filter((b) => b.score >= conf).sort((p, q) => q.score - p.score)) {
+    if (!kept.some((k) => k.category_id === b.category_id && iou(k.bbox, b.bbox) > threshold)) kept.push(b);
+  }
+  return kept;
+}
 
 async function predict(file) {
   if (isVideo(file)) return predictVideo(file);
@@ -65,7 +83,7 @@ async function predict(file) {
   } catch (e) {
     card.bitmap = null;
   }
-  const answer = await ask(card, detectQuery(m));
+  const answer = await ask(card, detectQuery(m, 1000));
   if (!answer) return;
   card.predictions = answer.predictions;
   if (m.task === "segment") card.mask = await maskImage(answer.predictions[0].mask_png);
@@ -86,7 +104,7 @@ async function predictVideo(file) {
   let fps = parseFloat($("fps").value) || 5;
   if (isFinite(video.duration) && video.duration > 0 && state.limits) fps = Math.min(fps, 0.95 * state.limits.max_frames / video.duration);
   status.textContent = `predicting at ${fps.toFixed(2)} frames per second...`;
-  const answer = await ask(card, [detectQuery(m), `fps=${fps.toFixed(4)}`].filter(Boolean).join("&"));
+  const answer = await ask(card, [detectQuery(m, 100), `fps=${fps.toFixed(4)}`].filter(Boolean).join("&"));
   if (!answer) return;
   const clip = answer.videos[0];
   card.frames = clip.frames;
@@ -169,7 +187,7 @@ function render(card) {
     }
   } else if (task === "detect") {
     const conf = parseFloat($("conf").value);
-    const shown = card.predictions.filter((b) => b.score >= conf);
+    const shown = nms(card.predictions, conf, parseFloat($("iou").value));
     for (const b of shown) {
       const [x, y, w, h] = b.bbox;
       ctx.strokeStyle = ctx.fillStyle = colour(b.category_id);
@@ -180,7 +198,7 @@ function render(card) {
       ctx.fillText(text, x + 3, Math.max(parseInt(ctx.font) - 2, y - 3));
     }
     extra.innerHTML = `<p class="count"></p>`;
-    extra.querySelector(".count").textContent = `${shown.length} boxes with score ≥ ${conf.toFixed(2)}`;
+    extra.querySelector(".count").textContent = `${shown.length} boxes with score ≥ ${conf.toFixed(2)}, NMS at IoU ${$("iou").value}`;
     card.el.dataset.boxes = String(shown.length);
   } else if (task === "segment") {
     ctx.drawImage(maskOverlay(card.mask, parseFloat($("opacity").value)), 0, 0);
@@ -241,10 +259,12 @@ $("drop").addEventListener("drop", (e) => {
   take(e.dataTransfer.files);
 });
 $("model").addEventListener("change", showModel);
-$("conf").addEventListener("input", () => {
-  $("conf-value").textContent = parseFloat($("conf").value).toFixed(2);
-  state.cards.forEach(render); // re-filter the boxes already predicted: no new request
-});
+for (const id of ["conf", "iou"]) {
+  $(id).addEventListener("input", () => {
+    $(`${id}-value`).textContent = parseFloat($(id).value).toFixed(2);
+    state.cards.forEach(render); // re-filter the boxes already predicted: no new request
+  });
+}
 $("opacity").addEventListener("input", () => state.cards.forEach(render));
 onToken(loadModels);
 loadModels();
