@@ -21,7 +21,8 @@ from PIL import Image
 
 import cnnkit
 from benchmarks.harness import header
-from cnnkit.serve import Limits, _predict, create_app, decode, load_slots, to_json
+from cnnkit.serve import _predict, create_app, load_slots, to_json
+from cnnkit.serve.uploads import Limits, decode
 
 
 def _naive_app(slots: dict[str, Any]) -> Any:

@@ -14,6 +14,7 @@ SUITES = (
     "bench_distributed",
     "bench_export",
     "bench_serve",
+    "bench_shards",
 )
 
 

@@ -269,6 +269,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from cnnkit.workflows.shards import pack_data
+
+    extra = {"val_fraction": args.val_fraction} if args.val_fraction is not None else {}
+    out = pack_data(args.task, args.data, args.out, shard_size=args.shard_size, seed=args.seed,
+                    strict=args.strict, **extra)  # fmt: skip
+    print(
+        f"wrote {args.data} as WebDataset shards to {out} (manifest {out / 'dataset.yaml'})", file=sys.stderr
+    )
+    return 0
+
+
 def cmd_anchors(args: argparse.Namespace) -> int:
     from cnnkit.workflows import detect
 
@@ -362,6 +374,16 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--strict", action="store_true", help="stop at the first bad annotation")
     p.set_defaults(func=cmd_data_convert)
+
+    p = data.add_parser("pack", help="write a dataset (any layout a task reads) as WebDataset shards")
+    p.add_argument("data", help="the dataset, in any layout the task reads")
+    p.add_argument("--task", choices=list_tasks(), required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the shards and dataset.yaml")
+    p.add_argument("--shard-size", default="1GB", help="bytes per shard: 1GB, 500MB... (default 1GB)")
+    p.add_argument("--val-fraction", type=float, help="seeded validation split when the data has none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad sample")
+    p.set_defaults(func=cmd_data_pack)
 
     p = data.add_parser("check", help="look at a dataset before training: counts, sizes, labels, leakage")
     p.add_argument("data", help="the dataset, in any layout the task reads")

@@ -277,6 +277,14 @@ def iter_frames(sources: Iterable[Any]) -> Iterator[Frame]:
             yield source
         elif not isinstance(source, str | os.PathLike):
             yield Frame(Path(f"image{k}"), to_image_tensor(source, f"image{k}"))
+        elif _shards(source):  # WebDataset shards: every image of every split, named shard/key
+            from cnnkit.data.shards import frames_of
+
+            for name, data in frames_of(str(source)):
+                try:
+                    yield Frame(Path(name), decode_image_bytes(data, name))
+                except DataError as exc:
+                    log.warning("skipping %s", exc)
         else:
             for path in iter_images([source], videos=True):
                 if is_video(path):
@@ -286,6 +294,32 @@ def iter_frames(sources: Iterable[Any]) -> Iterator[Frame]:
                     yield Frame(path, read_image(path))
                 except DataError as exc:
                     log.warning("skipping %s", exc)
+
+
+def _shards(source: str | os.PathLike[str]) -> bool:
+    from cnnkit.data.shards import is_shards
+
+    return is_shards(source)
+
+
+def decode_image_bytes(data: bytes, name: str) -> torch.Tensor:
+    """An encoded image in memory as ``[3, H, W]`` uint8 RGB (EXIF orientation applied), within
+    :data:`LIMITS`; :class:`DataError` naming ``name`` otherwise."""
+    import io
+
+    if len(data) > LIMITS.max_bytes:
+        raise DataError(f"{name}: {len(data) / 2**20:.0f} MB is over the limit (CNNKIT_MAX_IMAGE_BYTES)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > LIMITS.max_pixels:
+                    raise DataError(f"{name}: {w}x{h} pixels {_OVER_LIMIT.format(LIMITS.max_pixels)}")
+                arr = _to_rgb_array(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def to_image_tensor(image: Any, name: str = "image") -> torch.Tensor:

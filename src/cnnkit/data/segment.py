@@ -193,6 +193,11 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             )
         return None
 
+    @property
+    def samples(self) -> list[tuple[Path, Path]]:
+        """The pairs (the name every task's dataset gives its samples)."""
+        return self.pairs
+
     def __len__(self) -> int:
         return len(self.pairs)
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cnnkit.data.shards import ShardStream
 from cnnkit.engine import distributed as distrib
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import autocast
@@ -74,9 +75,18 @@ def make_loader(
 ) -> DataLoader[Any]:
     """A DataLoader over this process's shard (:class:`~cnnkit.engine.distributed.ShardSampler`) whose
     order and worker seeds depend only on ``seed``: reproducible, resumable, and the same global batches
-    on any number of processes."""
+    on any number of processes. A :class:`~cnnkit.data.shards.ShardStream` is told its rank, seed and
+    length (the sampler's count) and splits itself."""
     generator = torch.Generator().manual_seed(seed)
     where = distrib.info()
+    if isinstance(dataset, ShardStream):  # a stream splits itself across ranks and workers
+        rank, world = where.rank, where.world_size
+        count = distrib.ShardSampler(dataset.total, shuffle=shuffle, rank=rank, world_size=world, batch=batch,
+                                     drop_last=drop_last)  # fmt: skip
+        dataset.plan(shuffle=shuffle, seed=seed, rank=rank, world=world, length=len(count), batch=batch,
+                     cycle=drop_last)  # fmt: skip
+        return DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
+                          collate_fn=collate_fn)  # fmt: skip
     sampler = distrib.ShardSampler(
         len(dataset),  # type: ignore[arg-type]
         shuffle=shuffle,

@@ -11,12 +11,13 @@ Each new picture is also listed in ``FitState.pictures`` for the loggers (Tensor
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from cnnkit.engine.callbacks import FitState, Redrawn, drawn_or_logged
 from cnnkit.tasks.base import Task
@@ -98,9 +99,13 @@ def draw_predictions(
 ) -> Path:
     """``samples`` images spread over ``dataset``, each ground truth next to ``model``'s prediction
     (``show``: the task's :meth:`~cnnkit.tasks.base.ShowsBatches.show`), as a grid at ``path``."""
-    n = len(dataset)  # type: ignore[arg-type]
-    picks = torch.linspace(0, n - 1, min(samples, n)).round().long().unique().tolist()
-    batch = (collate_fn or default_collate)([dataset[i] for i in picks])
+    if isinstance(dataset, IterableDataset):  # a stream (shards): its first images
+        items = list(itertools.islice(iter(dataset), samples))
+    else:
+        n = len(dataset)  # type: ignore[arg-type]
+        picks = torch.linspace(0, n - 1, min(samples, n)).round().long().unique().tolist()
+        items = [dataset[i] for i in picks]
+    batch = (collate_fn or default_collate)(items)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -28,6 +28,7 @@ import torch
 
 from cnnkit.data.formats.masks import read_mask
 from cnnkit.data.images import open_image, read_image
+from cnnkit.data.shards import is_shards
 from cnnkit.engine.callbacks import drawn_or_logged
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.loops import new_run_dir
@@ -128,6 +129,9 @@ def check(
     """Read ``data`` as ``task`` does for training (``options``: the spec's, e.g. ``val_fraction``) and
     summarise it; with ``out``, write ``labels.png`` and ``samples.jpg`` in a new folder under it."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)
+    if is_shards(data):
+        raise DataError(f"{data}: shards; data check reads a dataset's files: check it before packing "
+                        "(training from shards reports each bad sample with its shard and key)")  # fmt: skip
     opts: Any = config_from_dict(spec.Options, {**options, "data": str(data)}, f"data check {spec.name}")
     read = spec.build_data(opts, TrainConfig(imgsz=64, seed=seed))
     names = list(read.names or [])

@@ -154,6 +154,26 @@ def _normalisation(opts: ClassifyOptions) -> tuple[list[float], list[float]]:
     return expected_normalisation(opts.pretrained) or (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
+def _dataset(
+    opts: ClassifyOptions, cfg: TrainConfig, names: list[str], samples: Any, train: bool
+) -> ClassificationDataset:
+    mean, std = (tuple(v) for v in _normalisation(opts))
+    if train:
+        augment = AugmentConfig(hflip=opts.fliplr, crop_fraction=opts.crop_fraction)
+        transform = classify_train_transform(cfg.square, augment, mean, std)
+    else:
+        transform = classify_eval_transform(cfg.square, opts.crop_fraction, mean, std)
+    split = "train" if train else "val"
+    return ClassificationDataset(
+        samples, names, transform, source=f"{opts.data} ({split})", strict=opts.strict
+    )
+
+
+def _record(opts: ClassifyOptions) -> dict[str, Any]:
+    mean, std = _normalisation(opts)
+    return {"crop_fraction": opts.crop_fraction, "mean": mean, "std": std}
+
+
 @register_task("classify")
 class Classify(TaskSpec):
     help = "image classification (class folders or a path,label CSV)"
@@ -166,25 +186,15 @@ class Classify(TaskSpec):
         self, opts: ClassifyOptions, cfg: TrainConfig, names: Sequence[str] | None = None
     ) -> TaskData:
         train, val, found = resolve_splits(opts.data or ".", opts.val, opts.val_fraction, cfg.seed)
-        augment = AugmentConfig(hflip=opts.fliplr, crop_fraction=opts.crop_fraction)
-        mean, std = _normalisation(opts)
-        train_set = ClassificationDataset(
-            train,
-            found,
-            classify_train_transform(cfg.square, augment, tuple(mean), tuple(std)),
-            source=f"{opts.data} (train)",
-            strict=opts.strict,
-        )
-        val_set = ClassificationDataset(
-            val,
-            found,
-            classify_eval_transform(cfg.square, opts.crop_fraction, tuple(mean), tuple(std)),
-            source=f"{opts.data} (val)",
-            strict=opts.strict,
-        )
+        train_set, val_set = (_dataset(opts, cfg, found, s, t) for s, t in ((train, True), (val, False)))
         skipped = [*train_set.skipped.items, *val_set.skipped.items]
-        record = {"crop_fraction": opts.crop_fraction, "mean": mean, "std": std}
-        return TaskData(train_set, val_set, found, skipped, record)
+        return TaskData(train_set, val_set, found, skipped, _record(opts))
+
+    def shard_data(self, opts: ClassifyOptions, cfg: TrainConfig, shards: Any) -> TaskData:
+        names = list(shards.names)
+        train, val = (shards.stream(split, lambda s, t=t: _dataset(opts, cfg, names, s, t))
+                      for split, t in (("train", True), ("val", False)))  # fmt: skip
+        return TaskData(train, val, names, [], _record(opts))
 
     def labelled(self, dataset: ClassificationDataset) -> list[Labelled]:
         return [Labelled(path, [label]) for path, label in dataset.samples]

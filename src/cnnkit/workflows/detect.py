@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from cnnkit.data.detect import DetSample
 from cnnkit.data.detect_dataset import DetAugment, DetectionDataset, check_imgsz, collate, letterbox
 from cnnkit.data.formats import BoxData, read_box_data
 from cnnkit.data.images import OutputNames, iter_frames
+from cnnkit.data.report import DataReport
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import DataError
 from cnnkit.inference import OnnxModel
@@ -123,18 +125,29 @@ class Detect(TaskSpec):
         ds = read_box_data(
             opts.data or ".", val=opts.val, val_fraction=opts.val_fraction, seed=cfg.seed, strict=opts.strict
         )
-        augment = DetAugment(
-            scale=opts.scale,
-            translate=opts.translate,
-            hflip=opts.fliplr,
-            jitter=opts.jitter,
-            mosaic=opts.mosaic,
-        )
-        train_set = DetectionDataset(ds.train, cfg.square, True, augment)
+        train_set = DetectionDataset(ds.train, cfg.square, True, _augment(opts))
         val_set = DetectionDataset(ds.val, cfg.square, False)
         return TaskData(
             train_set, val_set, list(ds.names), ds.report.skipped(), collate_fn=collate, source=ds
         )
+
+    def shard_data(self, opts: DetectOptions, cfg: TrainConfig, shards: Any) -> TaskData:
+        """Streams; anchors are fitted to the box sizes packing sampled (``facts``)."""
+        check_imgsz(cfg.square, max(opts.strides))
+        train = shards.stream("train", lambda s: DetectionDataset(s, cfg.square, True, _augment(opts)))
+        val = shards.stream("val", lambda s: DetectionDataset(s, cfg.square, False))
+        one = torch.zeros(1, dtype=torch.int64)
+        sizes = [DetSample(Path("."), torch.tensor([[0.0, 0.0, w, h]]), one, (1, 1))
+                 for w, h in shards.facts.get("box_sizes", [])]  # fmt: skip
+        source = BoxData(sizes, [], list(shards.names), DataReport(), "webdataset")
+        return TaskData(train, val, list(shards.names), [], collate_fn=collate, source=source)
+
+    def shard_facts(self, data: TaskData) -> dict[str, Any]:
+        """Up to 20,000 training boxes' width and height over their image's long side (seeded sample): what
+        anchors are fitted to at any input size."""
+        sizes = [(b[2:] - b[:2]) / max(s.size) for s in data.train.samples for b in s.boxes]
+        picked = random.Random(0).sample(sizes, min(len(sizes), 20_000))
+        return {"box_sizes": [[round(float(v), 6) for v in wh] for wh in picked]}
 
     def labelled(self, dataset: DetectionDataset) -> list[Labelled]:
         return [Labelled(d.path, d.labels.tolist(), boxes=d.boxes) for d in dataset.samples]
@@ -188,6 +201,12 @@ class Detect(TaskSpec):
 
 DetectionData = BoxData
 read_detection_data = read_box_data  # the name the first release exported
+
+
+def _augment(opts: DetectOptions) -> DetAugment:
+    return DetAugment(
+        scale=opts.scale, translate=opts.translate, hflip=opts.fliplr, jitter=opts.jitter, mosaic=opts.mosaic
+    )
 
 
 def letterboxed_sizes(samples: Sequence[DetSample], imgsz: int) -> torch.Tensor:

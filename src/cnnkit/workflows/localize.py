@@ -121,6 +121,12 @@ class Localize(_OneObject):
         )
         return TaskData(*sets, names, report.skipped())
 
+    def shard_data(self, opts: LocalizeOptions, cfg: TrainConfig, shards: Any) -> TaskData:
+        names = list(shards.names)
+        train = shards.stream("train", lambda s: LocalizationDataset(s, names, cfg.square, True, opts.fliplr))
+        val = shards.stream("val", lambda s: LocalizationDataset(s, names, cfg.square, False))
+        return TaskData(train, val, names, [])
+
     def head_args(self, data: TaskData) -> dict[str, Any]:
         return {"num_classes": len(data.names or ())}
 
@@ -177,6 +183,16 @@ class Landmarks(_OneObject):
         }
         val_set = LandmarkDataset(val, cfg.square, False, pairs)
         return TaskData(train_set, val_set, None, report.skipped(), record=record)
+
+    def shard_data(self, opts: LandmarkOptions, cfg: TrainConfig, shards: Any) -> TaskData:
+        """Streams; flip pairs and the NME pair from ``opts`` or else what packing found in the file."""
+        found = shards.record
+        pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
+        record = {"flip_pairs": [list(p) for p in pairs], "num_points": found["num_points"],
+                  "norm_points": opts.norm_points or found.get("norm_points")}  # fmt: skip
+        train = shards.stream("train", lambda s: LandmarkDataset(s, cfg.square, True, pairs))
+        val = shards.stream("val", lambda s: LandmarkDataset(s, cfg.square, False, pairs))
+        return TaskData(train, val, None, [], record=record)
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
         return {"num_points": data.record["num_points"]}

@@ -37,6 +37,7 @@ from cnnkit.workflows.common import (
     write_val_outputs,
 )
 from cnnkit.workflows.record import RunRecord
+from cnnkit.workflows.shards import is_shards, task_data
 from cnnkit.workflows.spec import PredictRecord, TaskSpec, ValReport, get_task
 
 log = logging.getLogger("cnnkit")
@@ -77,7 +78,7 @@ def train(
     if not 0 < fraction < 1:
         raise CnnkitError(f"val_fraction must be between 0 and 1 (the share held out), got {fraction}")
     cfg = cfg or TrainConfig()
-    data_ = spec.build_data(options, cfg)
+    data_ = task_data(spec, options, cfg)
     seed_everything(cfg.seed)  # the new model's initialisation is part of the seeded run
     model = spec.build_model(options, data_, cfg)
     check_trainable(model, cfg, getattr(options, "model", None) or spec.name)
@@ -139,7 +140,7 @@ def resume(
     meta["train_config"] = {**meta["train_config"], **changes}
     spec = get_task(meta["task"])
     options = options_from_record(spec, meta, str(last))
-    data = spec.build_data(options, cfg, meta.get("class_names"))
+    data = task_data(spec, options, cfg, meta.get("class_names"))
     if meta.get("class_names") and data.names != meta["class_names"]:
         raise DataError(
             f"{options.data}: the classes changed since the run started (were {meta['class_names']})"
@@ -196,7 +197,10 @@ def val(
     seed = int(meta.get("train_config", {}).get("seed", 0))
     cfg = TrainConfig(imgsz=imgsz or meta.get("imgsz", 224), seed=seed)
     names = meta.get("class_names")
-    dataset = spec.val_data(recorded, cfg, names, given=data is not None)
+    if is_shards(recorded.data):
+        dataset = task_data(spec, recorded, cfg, names)
+    else:
+        dataset = spec.val_data(recorded, cfg, names, given=data is not None)
     objective = spec.objective(recorded, dataset, model, cfg, val_options=options)
     metrics, evaluator = evaluate_dataset(
         objective,

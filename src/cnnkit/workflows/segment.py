@@ -67,6 +67,19 @@ class SegmentOptions:
     strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
 
+def _dataset(opts: SegmentOptions, cfg: TrainConfig, names: list[str], record: dict[str, Any],
+             pairs: Any, train: bool) -> SegmentationDataset:  # fmt: skip
+    """The image/mask pairs with the mask conventions ``record`` holds (ignore value, palette, threshold)."""
+    ignore = record["ignore_index"]
+    transform = SegmentationTransform(
+        cfg.imgsz, train, opts.scale, opts.fliplr, rect=opts.rect, ignore_index=ignore
+    )  # --imgsz H W keeps the aspect ratio as --rect does
+    split = "train" if train else "val"
+    return SegmentationDataset(pairs, len(names), transform, ignore_index=ignore, palette=record["palette"],
+                               strict=opts.strict, source=f"{opts.data} ({split})",
+                               threshold=record["mask_threshold"])  # fmt: skip
+
+
 @register_task("segment")
 class Segment(TaskSpec):
     help = "semantic segmentation (image and mask folders, Pascal VOC)"
@@ -87,30 +100,26 @@ class Segment(TaskSpec):
         if opts.binary and len(found) != 2:
             raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(found)}: {found}")
 
-        def dataset(pairs: list[tuple[Path, Path]], train: bool) -> SegmentationDataset:
-            transform = SegmentationTransform(
-                cfg.imgsz, train, opts.scale, opts.fliplr, rect=opts.rect, ignore_index=spec.ignore_index
-            )  # --imgsz H W keeps the aspect ratio as --rect does
-            split = "train" if train else "val"
-            return SegmentationDataset(
-                pairs,
-                len(found),
-                transform,
-                ignore_index=spec.ignore_index,
-                palette=spec.palette,
-                strict=opts.strict,
-                source=f"{opts.data} ({split})",
-                threshold=spec.threshold,
-            )
-
-        train_set, val_set = dataset(spec.train, True), dataset(spec.val, False)
-        skipped = [*spec.report.items, *train_set.skipped.items, *val_set.skipped.items]
         record = {
             "ignore_index": spec.ignore_index,
             "palette": spec.palette,
             "mask_threshold": spec.threshold,
         }
+        train_set, val_set = (
+            _dataset(opts, cfg, found, record, pairs, t)
+            for pairs, t in ((spec.train, True), (spec.val, False))
+        )
+        skipped = [*spec.report.items, *train_set.skipped.items, *val_set.skipped.items]
         return TaskData(train_set, val_set, found, skipped, record, collate_fn=collate_segmentation)
+
+    def shard_data(self, opts: SegmentOptions, cfg: TrainConfig, shards: Any) -> TaskData:
+        """Streams of the packed image/mask pairs, read with the mask conventions packing found."""
+        names, record = list(shards.names), dict(shards.record)
+        if opts.binary and len(names) != 2:
+            raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(names)}: {names}")
+        train, val = (shards.stream(split, lambda s, t=t: _dataset(opts, cfg, names, record, s, t))
+                      for split, t in (("train", True), ("val", False)))  # fmt: skip
+        return TaskData(train, val, names, [], record, collate_fn=collate_segmentation)
 
     def labelled(self, dataset: SegmentationDataset) -> list[Labelled]:
         return [Labelled(image, mask=mask) for image, mask in dataset.pairs]

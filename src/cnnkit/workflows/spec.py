@@ -177,6 +177,15 @@ class TaskSpec:
         """Predict on images; ``options`` is a ``PredictOptions`` instance (None: its defaults)."""
         raise NotImplementedError
 
+    def shard_data(self, opts: Any, cfg: TrainConfig, shards: Any) -> TaskData:
+        """:meth:`build_data` from WebDataset shards (a :class:`cnnkit.workflows.shards.Shards`): the
+        task's datasets as streams (``shards.stream(split, build)``), names and record from the manifest."""
+        raise CnnkitError(f"{self.name} cannot read shards yet")
+
+    def shard_facts(self, data: TaskData) -> dict[str, Any]:
+        """What packing keeps beside names and record for :meth:`shard_data` (detection: box sizes)."""
+        return {}
+
     def labelled(self, dataset: Any) -> list[Labelled]:
         """The samples of one of :meth:`build_data`'s datasets, as ``data check`` reports and draws them."""
         raise NotImplementedError

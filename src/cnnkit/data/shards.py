@@ -1,0 +1,486 @@
+"""Datasets as WebDataset shards: tar files of samples read as a stream (``pip install 'cnnkit[shards]'``).
+
+One sample is the image's bytes as they were (never re-encoded), ``json`` labels and, for segmentation,
+the mask file's bytes (``mask.<ext>``). ``dataset.yaml`` beside the shards says the task, the classes,
+what the reader found (palette, flip pairs...), the count of every split and every shard, and each
+shard's SHA-256.
+
+Reading (:class:`ShardStream`) never holds more than a shuffle buffer of samples: each process of a
+distributed run and each data-loading worker reads its own shards (or, with fewer shards than readers,
+its own samples of them), every epoch in a new order (shards, then a buffer of samples). The samples in
+the buffer lie in a scratch folder in memory (``/dev/shm`` where there is one) and are read by the
+task's own dataset class: the same decoding, checks and augmentation as files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from cnnkit.data.formats.base import DetSample
+from cnnkit.data.images import open_image
+from cnnkit.data.localize import LocSample, PointSample
+from cnnkit.errors import DataError
+
+log = logging.getLogger("cnnkit")
+MANIFEST = "dataset.yaml"
+FORMAT = "cnnkit-webdataset/1"
+EXTRA = "pip install 'cnnkit[shards]'"
+
+
+def webdataset() -> Any:
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise DataError(f"reading or writing shards needs webdataset: {EXTRA}") from None
+    return wds
+
+
+# -- one sample as JSON labels and files ----------------------------------------------------------------
+def sample_labels(sample: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+    """A task's sample (what its dataset holds) -> its labels as JSON and its files by role."""
+    if isinstance(sample, DetSample):
+        labels = {"boxes": sample.boxes.tolist(), "labels": sample.labels.tolist(), "size": list(sample.size)}
+        return {"kind": "boxes", **labels}, {"image": sample.path}
+    if isinstance(sample, LocSample):
+        return {"kind": "object", "label": sample.label, "box": sample.box}, {"image": sample.path}
+    if isinstance(sample, PointSample):
+        points = [[None if v != v else v for v in p] for p in sample.points.tolist()]  # NaN: not JSON
+        return {"kind": "points", "points": points, "visible": sample.visible.tolist()}, {
+            "image": sample.path
+        }
+    if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[1], int):
+        return {"kind": "class", "label": sample[1]}, {"image": Path(sample[0])}
+    if isinstance(sample, tuple) and len(sample) == 2:
+        return {"kind": "mask"}, {"image": Path(sample[0]), "mask": Path(sample[1])}
+    raise DataError(f"cannot pack a sample of type {type(sample).__name__}")
+
+
+def sample_from(labels: dict[str, Any], files: dict[str, Path]) -> Any:
+    """The inverse of :func:`sample_labels`, on the files written out of a shard."""
+    kind, image = labels.get("kind"), files["image"]
+    if kind == "boxes":
+        boxes = torch.tensor(labels["boxes"], dtype=torch.float32).view(-1, 4)
+        return DetSample(
+            image, boxes, torch.tensor(labels["labels"], dtype=torch.int64), tuple(labels["size"])
+        )
+    if kind == "object":
+        box = labels["box"]
+        return LocSample(image, labels["label"], tuple(box) if box is not None else None)  # type: ignore[arg-type]
+    if kind == "points":
+        points = [[float("nan") if v is None else v for v in p] for p in labels["points"]]
+        return PointSample(image, torch.tensor(points).view(-1, 2), torch.tensor(labels["visible"]))
+    if kind == "class":
+        return (image, int(labels["label"]))
+    if kind == "mask":
+        return (image, files["mask"])
+    raise DataError(f"unknown sample kind {kind!r}")
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """``1GB``, ``500MB``, ``64k`` or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise DataError(f"--shard-size {text!r}: give bytes, or a number with KB, MB or GB")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+
+
+def pack(
+    splits: dict[str, Sequence[Any]],
+    out: str | os.PathLike[str],
+    *,
+    task: str,
+    names: Sequence[str] | None,
+    record: dict[str, Any],
+    facts: dict[str, Any] | None = None,
+    shard_size: int = 1 << 30,
+    source: str = "",
+    progress: bool = True,
+) -> Path:
+    """Write each split's samples into ``out/{split}-000000.tar``... (a new shard past ``shard_size``
+    bytes) and ``out/dataset.yaml``; file bytes are copied as they are. ``out`` must be new or empty."""
+    from tqdm import tqdm
+
+    wds = webdataset()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not empty; pack into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "task": task,
+        "names": list(names) if names else None,
+        "record": json.loads(json.dumps(record)),
+        "source": source,
+        "splits": {},
+    }  # fmt: skip (JSON first: tuples become lists YAML can write)
+    if facts:
+        manifest["facts"] = json.loads(json.dumps(facts))
+    for split, samples in splits.items():
+        counts: list[int] = []
+        pattern = str(out / f"{split}-%06d.tar")
+        # an integer time: no PAX header per file (half the parsing when read); the same data packs into
+        # the same bytes
+        writer = {"maxsize": shard_size, "maxcount": 1 << 40, "verbose": 0, "mtime": 0}
+        with wds.ShardWriter(pattern, **writer) as sink:
+            for i, sample in enumerate(tqdm(samples, desc=f"pack {split}", disable=not progress or None)):
+                labels, files = sample_labels(sample)
+                entry = {"__key__": f"{split}{i:09d}", "json": json.dumps(labels).encode()}
+                for role, path in files.items():
+                    ext = path.suffix.lower().lstrip(".") or "bin"
+                    entry[ext if role == "image" else f"{role}.{ext}"] = path.read_bytes()
+                sink.write(entry)
+                shard = sink.shard - 1  # ShardWriter numbers the shard it is writing from 1
+                while len(counts) <= shard:
+                    counts.append(0)
+                counts[shard] += 1
+        shards = []
+        for k, n in enumerate(counts):
+            path = out / f"{split}-{k:06d}.tar"
+            shards.append(
+                {"name": path.name, "count": n, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            )
+        manifest["splits"][split] = {"count": sum(counts), "shards": shards}
+    (out / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- finding shards -----------------------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """``dataset.yaml`` read, and where its shards are: ``urls[split]`` in order, ``counts[split]``."""
+
+    where: str
+    task: str
+    names: list[str] | None
+    record: dict[str, Any]
+    facts: dict[str, Any]
+    urls: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def is_url(text: str) -> bool:
+    return bool(_URL.match(text)) and not re.match(r"^[a-zA-Z]:[\\/]", text)  # not a Windows drive
+
+
+def is_shards(source: str | os.PathLike[str] | None) -> bool:
+    """Whether ``source`` names shards: a folder or file ``dataset.yaml`` of format cnnkit-webdataset, a
+    ``.tar`` shard (brace patterns allowed), or a URL of one of those."""
+    if source is None:
+        return False
+    text = str(source)
+    if is_url(text):
+        return text.endswith((".tar", "}", MANIFEST)) or ".tar" in text
+    path = Path(text)
+    if path.is_dir():
+        path = path / MANIFEST
+    elif text.endswith((".tar", ".tar}")) or "{" in text:
+        return True
+    if path.name != MANIFEST or not path.is_file():
+        return False
+    try:
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("format") == FORMAT
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def read_manifest(source: str | os.PathLike[str]) -> Manifest:
+    """The manifest of ``source`` (a shards folder, its ``dataset.yaml``, a shard or shard pattern beside
+    one, or URLs of those). A manifest's ``base`` (e.g. ``"pipe:aws s3 cp s3://bucket/data/{name} -"``)
+    says how to open each shard; else shards are beside the manifest."""
+    text = str(source)
+    if not is_url(text) and Path(text).is_dir():
+        text = str(Path(text) / MANIFEST)
+    elif not text.endswith(MANIFEST):
+        first = expand(text)[0]
+        if first.startswith("pipe:"):
+            raise DataError(f"{text}: a pipe: source needs its {MANIFEST}; pass --data PATH/{MANIFEST} "
+                            "with base: 'pipe:COMMAND {name}' in it")  # fmt: skip
+        text = first.rsplit("/", 1)[0] + "/" + MANIFEST if "/" in first else MANIFEST
+    try:
+        with open_stream(text) as f:
+            data = yaml.safe_load(f.read().decode("utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, DataError) as exc:
+        raise DataError(f"{text}: cannot read the shards' manifest ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DataError(
+            f"{text}: not a cnnkit shard manifest (format: {FORMAT}); write one with cnnkit data pack"
+        )
+    base = data.get("base") or (text.rsplit("/", 1)[0] + "/{name}" if "/" in text else "{name}")
+    m = Manifest(text, data["task"], data.get("names"), data.get("record") or {}, data.get("facts") or {})
+    for split, entry in (data.get("splits") or {}).items():
+        m.urls[split] = [base.format(name=s["name"]) for s in entry["shards"]]
+        m.counts[split] = [int(s["count"]) for s in entry["shards"]]
+        m.checksums.update({base.format(name=s["name"]): s["sha256"] for s in entry["shards"]})
+    return m
+
+
+def expand(pattern: str) -> list[str]:
+    """Brace patterns as WebDataset writes them: ``shard-{000000..000127}.tar``, ``{a,b}``."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def open_stream(url: str) -> Any:
+    """A binary stream of a local path or URL: WebDataset's openers (``pipe:``, ``http(s)``, ``gs``...),
+    else fsspec's (``s3://``... with the filesystem's package installed)."""
+    if not is_url(url) or url.startswith("file:"):
+        path = url.removeprefix("file://").removeprefix("file:")
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise DataError(f"{path}: {exc.strerror or exc}") from None
+    scheme = url.split(":", 1)[0].lower()
+    wds = webdataset()
+    if scheme in wds.gopen_schemes:
+        return wds.gopen(url, "rb")
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError(f"{url}: opening {scheme}:// needs fsspec: {EXTRA}") from None
+    try:
+        return fsspec.open(url, "rb").open()
+    except (ImportError, ValueError, OSError) as exc:
+        raise DataError(f"{url}: {exc}") from None
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+def read_shard(
+    url: str, problem: Callable[[str], None], expected: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The samples of one shard (``__key__`` and a bytes value per file ending); a shard cut short or
+    corrupt is reported once (samples read of ``expected``, the last key) and its remaining samples are
+    lost."""
+    wds = webdataset()
+    key, n = None, 0
+    try:
+        with open_stream(url) as stream:
+            tar = wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception)
+            files = ({**f, "__url__": url} for f in tar)
+            for sample in wds.tariterators.group_by_keys(files, handler=wds.reraise_exception):
+                key, n = sample["__key__"], n + 1
+                yield sample
+    except (tarfile.TarError, OSError, ValueError, EOFError, DataError) as exc:
+        read = f"{n} of {expected}" if expected is not None else str(n)
+        last = f", the last {key}" if key else ""
+        problem(f"{url}: a shard cut short or corrupt ({read} samples read{last}): {exc}")
+
+
+class ShardStream(IterableDataset[Any]):
+    """One split of a shard dataset as a stream of the task's items (what its dataset's ``[i]`` gives).
+
+    ``build(samples)``: the task's dataset over a list of its samples; the stream keeps one per reader,
+    whose sample list is the shuffle buffer. :meth:`plan` (called by the engine's loader each epoch) says
+    this process's rank, the epoch's seed, and how many items this process yields (``length``, counted
+    from the manifest: progress bars, schedules and resume work as for files). Training (``cycle``)
+    reads each reader's shards again when the epoch needs more; evaluation yields every sample once.
+    """
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], build: Callable[[list[Any]], Dataset[Any]],
+                 *, buffer: int = 1000, strict: bool = False) -> None:  # fmt: skip
+        self.urls, self.counts, self.build = list(urls), list(counts), build
+        self.total = sum(self.counts)
+        self.buffer, self.strict = max(1, buffer), strict
+        self._serial = 0
+        self._folders: dict[str, Path] = {}
+        self.plan(shuffle=False, seed=0, rank=0, world=1, length=self.total, batch=1, cycle=False)
+
+    def plan(
+        self, *, shuffle: bool, seed: int, rank: int, world: int, length: int, batch: int, cycle: bool
+    ) -> None:
+        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
+        self.length, self.batch, self.cycle = length, max(1, batch), cycle
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _quota(self, worker: int, workers: int) -> int:
+        """Items worker ``worker`` yields: whole batches dealt round-robin, as the loader collects them."""
+        batches = -(-self.length // self.batch)
+        mine = range(worker, batches, workers)
+        return sum(min(self.batch, self.length - b * self.batch) for b in mine)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = self._quota(w, workers)
+        if quota <= 0:
+            return
+        scratch = Path(tempfile.mkdtemp(prefix="cnnkit-shards-", dir=_scratch_root()))
+        self._folders = {}
+        try:
+            yield from self._serve(self._samples(w, workers, scratch), quota, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _samples(self, w: int, workers: int, scratch: Path) -> Iterator[tuple[Any, list[Path]]]:
+        """This reader's samples written out to ``scratch`` as they are asked for: its shards when there
+        are enough, else every ``G``-th sample of all (``G`` readers in all; evaluation deals samples as
+        the loader's batches); training reads them again while it needs more."""
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(self.seed).shuffle(order)  # the same order in every process and worker
+        readers, me = self.world * workers, self.rank * workers + w
+        by_shard = self.cycle and len(order) >= readers
+        mine = order[me::readers] if by_shard else order
+        position = 0
+        while True:
+            produced = 0
+            for k in mine:
+                for raw in read_shard(self.urls[k], self._problem, self.counts[k]):
+                    if not by_shard:  # position p -> rank p % world, then the rank's batches dealt to workers
+                        p, position = position, position + 1
+                        if p % self.world != self.rank or (p // self.world // self.batch) % workers != w:
+                            continue
+                    got = self._unpack(raw, self.urls[k], scratch)
+                    if got is not None:
+                        produced += 1
+                        yield got
+            if not self.cycle or produced == 0:
+                return
+
+    def _unpack(self, raw: dict[str, Any], url: str, scratch: Path) -> tuple[Any, list[Path]] | None:
+        key = raw.get("__key__", "?")
+        where = f"{url} {key}"
+        try:
+            labels = json.loads(raw["json"])
+            image_ext = next(k for k in raw if not k.startswith("__") and k != "json" and "." not in k)
+            folder = self._folders.get(url)
+            if folder is None:  # one folder per shard: a bad sample's path names its shard and key
+                folder = self._folders[url] = scratch / re.sub(r"[^\w.-]", "_", Path(url).name)
+                folder.mkdir(exist_ok=True)
+            self._serial += 1  # a sample read again (a second pass) while still buffered gets its own files
+            stem = f"{key}-{self._serial}"
+            files = {"image": folder / f"{stem}.{image_ext}"}
+            files["image"].write_bytes(raw[image_ext])
+            masks = [k for k in raw if k.startswith("mask.")]
+            if masks:
+                files["mask"] = folder / f"{stem}.{masks[0]}"
+                files["mask"].write_bytes(raw[masks[0]])
+            if self.strict:  # else a bad image is reported (shard folder, key) and replaced when read
+                with open_image(files["image"]):
+                    pass
+            return sample_from(labels, files), list(files.values())
+        except (KeyError, StopIteration):
+            self._problem(f"{where}: a sample without its image or json labels")
+        except (ValueError, TypeError, DataError) as exc:
+            self._problem(f"{where}: bad sample ({exc})")
+        for p in scratch.rglob(f"{key}-{self._serial}.*"):
+            p.unlink(missing_ok=True)
+        return None
+
+    def _problem(self, message: str) -> None:
+        if self.strict:
+            raise DataError(message)
+        log.warning("skipping %s", message)
+
+    def _serve(self, samples: Iterator[tuple[Any, list[Path]]], quota: int, scratch: Path) -> Iterator[Any]:
+        """``quota`` items. The buffer grows by two samples for each item that leaves it (a random one; the
+        oldest when not shuffling) until it holds ``buffer`` samples, so items flow from the first
+        hundred samples on; an item's files are deleted once it is made."""
+        rng = random.Random(self.seed * 1_000_003 + self.rank * 1009 + (get_worker_info() or _Solo).id)
+        size = self.buffer if self.shuffle else 1
+        start = min(size, 100)
+        dataset: Any = None
+        buffer: list[Any] = []
+        files: list[list[Path]] = []
+        produced = 0
+
+        def add(sample: Any, paths: list[Path]) -> None:
+            nonlocal dataset, buffer
+            if dataset is None:
+                try:  # the task's dataset, made on the first sample (which it checks)
+                    dataset = self.build([sample])
+                except DataError as exc:
+                    self._problem(f"{paths[0].parent.name} {paths[0].stem.rsplit('-', 1)[0]}: {exc}")
+                    for p in paths:
+                        p.unlink(missing_ok=True)
+                    return
+                buffer = dataset.samples  # the dataset reads its samples from the buffer itself
+            else:
+                buffer.append(sample)
+            files.append(paths)
+
+        def take() -> Any:
+            nonlocal produced
+            j = rng.randrange(len(buffer)) if self.shuffle else 0
+            try:
+                item = dataset[j]  # an unreadable image is logged (shard folder, key) and replaced
+                produced += 1
+            except DataError:  # nothing in the buffer decodes: this one leaves it, another is read
+                item = _FAILED
+            for p in files[j]:
+                p.unlink(missing_ok=True)
+            buffer[j], files[j] = buffer[-1], files[-1]  # the last fills the gap: order is random anyway
+            buffer.pop()
+            files.pop()
+            return item
+
+        while produced < quota:
+            wanted = quota - produced - len(buffer)  # samples still to read: none read that goes unused
+            for _ in range(2 if len(buffer) < size else 1):
+                got = next(samples, None) if wanted > 0 else None
+                if got is not None:
+                    add(*got)
+                    wanted -= 1
+            if not buffer:
+                return  # nothing left to read (evaluation, or shards that all failed)
+            if len(buffer) >= start or wanted <= 0 or got is None:
+                item = take()
+                if item is not _FAILED:
+                    yield item
+
+
+_FAILED = object()
+
+
+class _Solo:
+    id = 0
+
+
+def _scratch_root() -> str | None:
+    """``/dev/shm`` (memory) when it is writable, else the system's temporary folder."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def frames_of(source: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, image bytes)`` of every sample of a shard source (every split), for prediction."""
+    m = read_manifest(source)
+    for urls in m.urls.values():
+        for url in urls:
+            for raw in read_shard(url, lambda message: log.warning("skipping %s", message)):
+                ext = next((k for k in raw if not k.startswith("__") and k != "json" and "." not in k), None)
+                if ext is not None:
+                    yield f"{Path(url).name}/{raw['__key__']}.{ext}", raw[ext]
