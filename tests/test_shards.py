@@ -37,7 +37,8 @@ from cnnkit.workflows.check import check
 from cnnkit.workflows.spec import get_task
 
 wds = pytest.importorskip("webdataset")
-from cnnkit.data.shards import ShardStream, read_manifest  # noqa: E402
+from cnnkit.data.shard_stream import ShardStream  # noqa: E402
+from cnnkit.data.shards import read_manifest  # noqa: E402
 from cnnkit.engine.distributed import ShardSampler  # noqa: E402
 from cnnkit.workflows.shards import pack_data, task_data  # noqa: E402
 

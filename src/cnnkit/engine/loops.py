@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cnnkit.data.shards import ShardStream
+from cnnkit.data.shard_stream import ShardStream
 from cnnkit.engine import distributed as distrib
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import autocast

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from cnnkit.data.shards import Manifest, ShardStream, is_shards, pack, parse_size, read_manifest
+from cnnkit.data.shard_stream import ShardStream
+from cnnkit.data.shards import Manifest, is_shards, pack, parse_size, read_manifest
 
 __all__ = ["Shards", "is_shards", "pack_data", "task_data"]
 from cnnkit.engine.config import TrainConfig, config_from_dict
