@@ -128,6 +128,8 @@ def test_every_task_trains_validates_and_predicts_from_shards(packed: dict[str, 
         assert len(records) == sum(sum(c) for c in read_manifest(shards).counts.values()) > val_count, task
     seg = next(run.predict(Path("runs/segment/segment/weights/best.safetensors"), [packed["segment"][1]]))
     assert "train-000000.tar/train000000000" in seg.data["path"]
+    resumed = run.resume("runs/classify/classify", epochs=2)  # the run's shards again, from its last epoch
+    assert len(resumed.history) == 2 and resumed.history[1]["epoch"] == 2
 
 
 def test_each_sample_once_per_epoch_across_processes_and_workers(
