@@ -4,6 +4,7 @@ JSON error and the server stays up; concurrent requests are batched."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -298,8 +299,10 @@ def _artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-def _browser() -> Any:
-    """Playwright driving Debian's chromium; the reason when there is none (the tests then skip)."""
+@contextlib.contextmanager
+def browser_page(url: str, viewport: dict[str, int] | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """``url`` in headless Chromium (Debian's, driven by Playwright), and the errors its console logs;
+    skipped, with the reason, where there is no browser."""
     import shutil
 
     try:
@@ -309,22 +312,25 @@ def _browser() -> Any:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("browser tests: no chromium (apt-get install -y chromium)")
-    return sync_playwright, path
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        page = browser.new_page(viewport=viewport) if viewport else browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        try:
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tmp_path: Path) -> None:
     """The page loads without console errors, draws each task's predictions (bars, boxes, a legend), and
     the confidence slider re-filters the boxes without asking the model again."""
-    sync_playwright, chromium = _browser()
     image = tmp_path / "street.png"
     image.write_bytes(png((96, 72), seed=5))
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url + "/")
+    with browser_page(server.url + "/") as (page, errors):
         page.wait_for_function("document.querySelectorAll('#model option').length === 5")
 
         def upload(model: str) -> Any:
@@ -369,7 +375,6 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
         upload("pts")
         assert "4 points" in page.inner_text(".card:first-child .count")
         page.screenshot(path=str(_artifacts(tmp_path) / "serve_page.png"), full_page=True)
-        browser.close()
     assert errors == []
     assert Image.open(_artifacts(tmp_path) / "serve_page.png").size[0] >= 800
 
@@ -377,16 +382,9 @@ def test_the_page_in_a_real_browser(server: Server, weights: dict[str, Path], tm
 def test_a_video_in_a_real_browser(server: Server, tmp_path: Path) -> None:
     """A dropped video plays with its frame's predictions drawn over it: seeking shows the frame sampled
     at or before that time, and the sliders re-filter without a new request."""
-    sync_playwright, chromium = _browser()
     clip = tmp_path / "clip.webm"
     clip.write_bytes(video(frames=20, fps=10, size=(96, 64)))
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url + "/")
+    with browser_page(server.url + "/") as (page, errors):
         page.wait_for_function("document.querySelectorAll('#model option').length >= 5")
         for model, fps, frames in (("seg", "10", 20), ("det", "4", 8)):
             page.select_option("#model", model)
@@ -415,7 +413,6 @@ def test_a_video_in_a_real_browser(server: Server, tmp_path: Path) -> None:
         page.eval_on_selector("#conf", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
         assert "frame 18 (8 of 8 predicted)" in page.inner_text(".card:first-child .frame")
         page.screenshot(path=str(_artifacts(tmp_path) / "serve_video.png"), full_page=True)
-        browser.close()
     assert errors == []
 
 
@@ -457,14 +454,7 @@ def test_the_runs_api_serves_only_files_inside_the_runs_folder(
 
 def test_the_runs_page_in_a_real_browser(server: Server, weights: dict[str, Path], tmp_path: Path) -> None:
     """Each run with its curves, plots and configuration; its best weights one click from the predict page."""
-    sync_playwright, chromium = _browser()
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url + "/runs")
+    with browser_page(server.url + "/runs", viewport={"width": 1200, "height": 900}) as (page, errors):
         page.wait_for_selector('.run[data-path="segment/exp"] .curves canvas')
         page.wait_for_function("document.querySelectorAll('.run .actions button').length >= 5")
         card = page.locator('.run[data-path="segment/exp"]')
@@ -475,7 +465,6 @@ def test_the_runs_page_in_a_real_browser(server: Server, weights: dict[str, Path
         card.locator("button").click()
         page.wait_for_url("**/?model=seg")
         page.wait_for_function("document.querySelector('#model').value === 'seg'")
-        browser.close()
     assert errors == []
 
 
