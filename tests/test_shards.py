@@ -8,6 +8,7 @@ import functools
 import hashlib
 import http.server
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -130,6 +131,24 @@ def test_every_task_trains_validates_and_predicts_from_shards(packed: dict[str, 
     assert "train-000000.tar/train000000000" in seg.data["path"]
     resumed = run.resume("runs/classify/classify", epochs=2)  # the run's shards again, from its last epoch
     assert len(resumed.history) == 2 and resumed.history[1]["epoch"] == 2
+
+
+def test_streams_pickle_for_spawned_workers(packed: dict[str, tuple[Path, Path]]) -> None:
+    """Every task's streams survive pickling (data-loading workers started by spawn, as on macOS and
+    Windows, receive them pickled), and a spawned worker delivers batches."""
+    for task, (_, shards) in packed.items():
+        spec = get_task(task)
+        opts = config_from_dict(spec.Options, {"data": str(shards)})
+        data = task_data(spec, opts, TrainConfig(imgsz=64))
+        for stream in (data.train, data.val):
+            copy = pickle.loads(pickle.dumps(stream))
+            assert len(copy) == len(stream) and next(iter(copy)) is not None, task
+    spec = get_task("classify")
+    val = task_data(
+        spec, config_from_dict(spec.Options, {"data": str(packed["classify"][1])}), TrainConfig(imgsz=32)
+    ).val
+    loader = DataLoader(val, batch_size=16, num_workers=1, multiprocessing_context="spawn")
+    assert sum(len(x) for x, _ in loader) == len(val)
 
 
 def test_each_sample_once_per_epoch_across_processes_and_workers(

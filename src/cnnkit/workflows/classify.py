@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def _normalisation(opts: ClassifyOptions) -> tuple[list[float], list[float]]:
 
 
 def _dataset(
-    opts: ClassifyOptions, cfg: TrainConfig, names: list[str], samples: Any, train: bool
+    samples: Any, opts: ClassifyOptions, cfg: TrainConfig, names: list[str], train: bool
 ) -> ClassificationDataset:
     mean, std = (tuple(v) for v in _normalisation(opts))
     if train:
@@ -186,13 +187,13 @@ class Classify(TaskSpec):
         self, opts: ClassifyOptions, cfg: TrainConfig, names: Sequence[str] | None = None
     ) -> TaskData:
         train, val, found = resolve_splits(opts.data or ".", opts.val, opts.val_fraction, cfg.seed)
-        train_set, val_set = (_dataset(opts, cfg, found, s, t) for s, t in ((train, True), (val, False)))
+        train_set, val_set = (_dataset(s, opts, cfg, found, t) for s, t in ((train, True), (val, False)))
         skipped = [*train_set.skipped.items, *val_set.skipped.items]
         return TaskData(train_set, val_set, found, skipped, _record(opts))
 
     def shard_data(self, opts: ClassifyOptions, cfg: TrainConfig, shards: Any) -> TaskData:
         names = list(shards.names)
-        train, val = (shards.stream(split, lambda s, t=t: _dataset(opts, cfg, names, s, t))
+        train, val = (shards.stream(split, partial(_dataset, opts=opts, cfg=cfg, names=names, train=t))
                       for split, t in (("train", True), ("val", False)))  # fmt: skip
         return TaskData(train, val, names, [], _record(opts))
 

@@ -134,8 +134,10 @@ class Detect(TaskSpec):
     def shard_data(self, opts: DetectOptions, cfg: TrainConfig, shards: Any) -> TaskData:
         """Streams; anchors are fitted to the box sizes packing sampled (``facts``)."""
         check_imgsz(cfg.square, max(opts.strides))
-        train = shards.stream("train", lambda s: DetectionDataset(s, cfg.square, True, _augment(opts)))
-        val = shards.stream("val", lambda s: DetectionDataset(s, cfg.square, False))
+        train = shards.stream(
+            "train", partial(DetectionDataset, imgsz=cfg.square, train=True, augment=_augment(opts))
+        )
+        val = shards.stream("val", partial(DetectionDataset, imgsz=cfg.square, train=False))
         one = torch.zeros(1, dtype=torch.int64)
         sizes = [DetSample(Path("."), torch.tensor([[0.0, 0.0, w, h]]), one, (1, 1))
                  for w, h in shards.facts.get("box_sizes", [])]  # fmt: skip

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,9 @@ class Localize(_OneObject):
 
     def shard_data(self, opts: LocalizeOptions, cfg: TrainConfig, shards: Any) -> TaskData:
         names = list(shards.names)
-        train = shards.stream("train", lambda s: LocalizationDataset(s, names, cfg.square, True, opts.fliplr))
-        val = shards.stream("val", lambda s: LocalizationDataset(s, names, cfg.square, False))
+        make = partial(LocalizationDataset, class_names=names, imgsz=cfg.square)
+        train = shards.stream("train", partial(make, train=True, fliplr=opts.fliplr))
+        val = shards.stream("val", partial(make, train=False))
         return TaskData(train, val, names, [])
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
@@ -190,8 +192,10 @@ class Landmarks(_OneObject):
         pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
         record = {"flip_pairs": [list(p) for p in pairs], "num_points": found["num_points"],
                   "norm_points": opts.norm_points or found.get("norm_points")}  # fmt: skip
-        train = shards.stream("train", lambda s: LandmarkDataset(s, cfg.square, True, pairs))
-        val = shards.stream("val", lambda s: LandmarkDataset(s, cfg.square, False, pairs))
+        train = shards.stream(
+            "train", partial(LandmarkDataset, imgsz=cfg.square, train=True, flip_pairs=pairs)
+        )
+        val = shards.stream("val", partial(LandmarkDataset, imgsz=cfg.square, train=False, flip_pairs=pairs))
         return TaskData(train, val, None, [], record=record)
 
     def head_args(self, data: TaskData) -> dict[str, Any]:

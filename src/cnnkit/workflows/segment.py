@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,8 @@ class SegmentOptions:
     strict: bool = option(False, "stop at the first bad image/mask pair instead of skipping it")
 
 
-def _dataset(opts: SegmentOptions, cfg: TrainConfig, names: list[str], record: dict[str, Any],
-             pairs: Any, train: bool) -> SegmentationDataset:  # fmt: skip
+def _dataset(pairs: Any, opts: SegmentOptions, cfg: TrainConfig, names: list[str], record: dict[str, Any],
+             train: bool) -> SegmentationDataset:  # fmt: skip
     """The image/mask pairs with the mask conventions ``record`` holds (ignore value, palette, threshold)."""
     ignore = record["ignore_index"]
     transform = SegmentationTransform(
@@ -106,7 +107,7 @@ class Segment(TaskSpec):
             "mask_threshold": spec.threshold,
         }
         train_set, val_set = (
-            _dataset(opts, cfg, found, record, pairs, t)
+            _dataset(pairs, opts, cfg, found, record, t)
             for pairs, t in ((spec.train, True), (spec.val, False))
         )
         skipped = [*spec.report.items, *train_set.skipped.items, *val_set.skipped.items]
@@ -117,8 +118,10 @@ class Segment(TaskSpec):
         names, record = list(shards.names), dict(shards.record)
         if opts.binary and len(names) != 2:
             raise CnnkitError(f"binary segmentation needs 2 classes, the data has {len(names)}: {names}")
-        train, val = (shards.stream(split, lambda s, t=t: _dataset(opts, cfg, names, record, s, t))
-                      for split, t in (("train", True), ("val", False)))  # fmt: skip
+        build = partial(_dataset, opts=opts, cfg=cfg, names=names, record=record)
+        train, val = (
+            shards.stream(split, partial(build, train=t)) for split, t in (("train", True), ("val", False))
+        )
         return TaskData(train, val, names, [], record, collate_fn=collate_segmentation)
 
     def labelled(self, dataset: SegmentationDataset) -> list[Labelled]:
