@@ -75,7 +75,7 @@ def make_loader(
 ) -> DataLoader[Any]:
     """A DataLoader over this process's shard (:class:`~cnnkit.engine.distributed.ShardSampler`) whose
     order and worker seeds depend only on ``seed``: reproducible, resumable, and the same global batches
-    on any number of processes. A :class:`~cnnkit.data.shards.ShardStream` is told its rank, seed and
+    on any number of processes. A :class:`~cnnkit.data.shard_stream.ShardStream` is told its rank, seed and
     length (the sampler's count) and splits itself."""
     generator = torch.Generator().manual_seed(seed)
     where = distrib.info()

@@ -162,6 +162,13 @@ class Localize(_OneObject):
             yield PredictRecord(data, f"{p.path}: {what}")
 
 
+def _points_record(opts: LandmarkOptions, found: dict[str, Any], num_points: int) -> dict[str, Any]:
+    """Flip pairs and the NME pair from ``opts``, else from the file (``found``), and the point count."""
+    pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
+    norm = opts.norm_points or found.get("norm_points")
+    return {"flip_pairs": [list(p) for p in pairs], "norm_points": norm, "num_points": num_points}
+
+
 @register_task("landmarks")
 class Landmarks(_OneObject):
     help = "K points per image"
@@ -175,27 +182,20 @@ class Landmarks(_OneObject):
         report = DataReport()
         train, val, found = read_landmarks(opts.data or ".", report, opts.strict)
         train, val = _readable(*_split(train, val, opts.val_fraction, cfg.seed), report, opts.strict)
-        pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
-        norm = opts.norm_points or found.get("norm_points")
+        record = _points_record(opts, found, len(train[0].points) if train else 0)
+        pairs = record["flip_pairs"]
         train_set = LandmarkDataset(train, cfg.square, True, pairs)
-        record = {
-            "flip_pairs": [list(p) for p in pairs],
-            "norm_points": norm,
-            "num_points": train_set.num_points,
-        }
         val_set = LandmarkDataset(val, cfg.square, False, pairs)
         return TaskData(train_set, val_set, None, report.skipped(), record=record)
 
     def shard_data(self, opts: LandmarkOptions, cfg: TrainConfig, shards: Any) -> TaskData:
         """Streams; flip pairs and the NME pair from ``opts`` or else what packing found in the file."""
-        found = shards.record
-        pairs = opts.flip_pairs if opts.flip_pairs is not None else found.get("flip_pairs", [])
-        record = {"flip_pairs": [list(p) for p in pairs], "num_points": found["num_points"],
-                  "norm_points": opts.norm_points or found.get("norm_points")}  # fmt: skip
-        train = shards.stream(
-            "train", partial(LandmarkDataset, imgsz=cfg.square, train=True, flip_pairs=pairs)
+        record = _points_record(opts, shards.record, shards.record["num_points"])
+        make = partial(LandmarkDataset, imgsz=cfg.square, flip_pairs=record["flip_pairs"])
+        train, val = (
+            shards.stream("train", partial(make, train=True)),
+            shards.stream("val", partial(make, train=False)),
         )
-        val = shards.stream("val", partial(LandmarkDataset, imgsz=cfg.square, train=False, flip_pairs=pairs))
         return TaskData(train, val, None, [], record=record)
 
     def head_args(self, data: TaskData) -> dict[str, Any]:
