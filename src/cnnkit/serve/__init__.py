@@ -1,9 +1,10 @@
 """``cnnkit serve``: trained models of any task behind an HTTP API (FastAPI on uvicorn;
 ``pip install 'cnnkit[serve]'``).
 
-- ``GET /``: a page to choose a model, drop images and see the predictions drawn (top-k bars, boxes
-  re-filtered by a confidence slider without asking the model again, a mask overlay with its legend,
-  a localizer's box, landmark points);
+- ``GET /``: a page to choose a model, drop images or a short video and see the predictions drawn
+  (top-k bars, boxes re-filtered by confidence and NMS IoU sliders without asking the model again, a
+  mask overlay with its legend, a localizer's box, landmark points; a video plays with the predictions
+  of the frame shown);
 - ``GET /runs`` (with ``--runs DIR``): the training runs under ``DIR`` with their curves, plots and
   configuration, each run's best weights one click from the page above (files are served only from
   inside ``DIR``: no ``..``, however encoded, and no symbolic link out);
