@@ -107,6 +107,8 @@ def test_pack_writes_every_sample_as_it_was_with_a_manifest(packed: dict[str, tu
     assert len(det["facts"]["box_sizes"]) > 10 and all(0 < w <= 1 for w, _ in det["facts"]["box_sizes"])
     with pytest.raises(DataError, match="exists and is not empty"):
         pack_data("classify", src, shards, progress=False)  # never over another output
+    again = pack_data("classify", src, shards.parent / "again", shard_size="40KB", progress=False)
+    assert all((again / t.name).read_bytes() == t.read_bytes() for t in shards.glob("*.tar"))  # reproducible
     with pytest.raises(DataError, match="shards; data check reads a dataset's files"):
         check("classify", shards, out=None)
 
