@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import os
 import pickle
 import re
@@ -100,6 +101,8 @@ def test_pack_writes_every_sample_as_it_was_with_a_manifest(packed: dict[str, tu
     with tarfile.open(shards / "val-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
     images = [data for name, data in members.items() if name.endswith(".png")]
+    labels = {json.loads(data)["label"] for name, data in members.items() if name.endswith(".json")}
+    assert labels == {0, 1, 2}  # packed in a seeded random order: one shard holds every class
     assert images[0] in {p.read_bytes() for p in files.values()}  # the bytes as they were: no re-encoding
     seg = yaml.safe_load((packed["segment"][1] / "dataset.yaml").read_text())
     assert seg["record"]["ignore_index"] == 255 and "facts" not in seg

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ def parse_size(text: str | int) -> int:
 
 
 def pack(
-    splits: dict[str, Sequence[Any]],
+    splits: Mapping[str, Sequence[Any]],
     out: str | os.PathLike[str],
     *,
     task: str,
@@ -109,10 +109,12 @@ def pack(
     facts: dict[str, Any] | None = None,
     shard_size: int = 1 << 30,
     source: str = "",
+    seed: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write each split's samples into ``out/{split}-000000.tar``... (a new shard past ``shard_size``
-    bytes) and ``out/dataset.yaml``; file bytes are copied as they are. ``out`` must be new or empty."""
+    """Write each split's samples, in the order given, into ``out/{split}-000000.tar``... (a new shard
+    past ``shard_size`` bytes) and ``out/dataset.yaml`` (``seed``: that of the shuffle that made the
+    order, recorded); file bytes are copied as they are. ``out`` must be new or empty."""
     from tqdm import tqdm
 
     wds = webdataset()
@@ -124,10 +126,11 @@ def pack(
         "format": FORMAT,
         "task": task,
         "names": list(names) if names else None,
-        "record": json.loads(json.dumps(record)),
+        "record": json.loads(json.dumps(record)),  # JSON first: tuples become lists YAML can write
         "source": source,
+        "shuffled_with_seed": seed,
         "splits": {},
-    }  # fmt: skip (JSON first: tuples become lists YAML can write)
+    }
     if facts:
         manifest["facts"] = json.loads(json.dumps(facts))
     for split, samples in splits.items():

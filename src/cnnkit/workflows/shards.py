@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,8 @@ def pack_data(
     **options: Any,
 ) -> Path:
     """Read ``data`` as ``task`` reads it (any layout; unreadable samples left out and reported) and write
-    its train and validation splits as WebDataset shards under ``out`` (a new or empty folder)."""
+    its train and validation splits, each in a random order seeded by ``seed``, as WebDataset shards
+    under ``out`` (a new or empty folder)."""
     spec = get_task(task)
     if is_shards(data):
         raise CnnkitError(f"{data}: already shards")
@@ -100,7 +102,12 @@ def pack_data(
         values["strict"] = True
     opts: Any = config_from_dict(spec.Options, values, f"data pack {task}")
     read = spec.build_data(opts, TrainConfig(seed=seed), None)
-    splits = {"train": read.train.samples, "val": read.val.samples}
+    # Readers list samples class by class; a shuffle buffer mixes only neighbours, so the shards hold them
+    # in a seeded random order (WebDataset's advice): every shard, and every buffer, sees every class.
+    splits = {
+        split: random.Random(seed).sample(d.samples, len(d.samples))
+        for split, d in (("train", read.train), ("val", read.val))
+    }
     if read.skipped:
         log.warning("%s: %d samples left out (unreadable, bad labels): not packed", data, len(read.skipped))
     facts = spec.shard_facts(read)
