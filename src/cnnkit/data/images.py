@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import logging
 import os
 import re
@@ -59,14 +60,14 @@ LIMITS = ImageLimits()
 
 
 @contextlib.contextmanager
-def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
-    """The image at ``path`` opened lazily (header only) after checking it is within :data:`LIMITS`;
-    :class:`DataError` naming the file otherwise."""
+def open_image(path: str | os.PathLike[str], data: bytes | None = None) -> Iterator[Image.Image]:
+    """The image at ``path`` (or encoded in ``data``, named ``path``) opened lazily (header only) after
+    checking it is within :data:`LIMITS`; :class:`DataError` naming the file otherwise."""
     path = Path(path)
     if Image.MAX_IMAGE_PIXELS is not None and LIMITS.max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels  # Pillow's own guard must not refuse what is allowed
     try:
-        nbytes = path.stat().st_size
+        nbytes = path.stat().st_size if data is None else len(data)
         if nbytes > LIMITS.max_bytes:
             raise DataError(
                 f"{path}: {nbytes / 2**20:.0f} MB is over the {LIMITS.max_bytes / 2**20:.0f} MB limit "
@@ -74,7 +75,7 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > LIMITS.max_pixels:
                     raise DataError(f"{path}: {w}x{h} pixels {_OVER_LIMIT.format(LIMITS.max_pixels)}")
@@ -116,8 +117,8 @@ def _read_torchvision(path: Path) -> torch.Tensor:
     return img
 
 
-def _read_pillow(path: Path) -> torch.Tensor:
-    with open_image(path) as raw:
+def _read_pillow(path: Path, data: bytes | None = None) -> torch.Tensor:
+    with open_image(path, data) as raw:
         try:
             arr = _to_rgb_array(ImageOps.exif_transpose(raw))
         except (OSError, SyntaxError, ValueError) as exc:
@@ -303,23 +304,9 @@ def _shards(source: str | os.PathLike[str]) -> bool:
 
 
 def decode_image_bytes(data: bytes, name: str) -> torch.Tensor:
-    """An encoded image in memory as ``[3, H, W]`` uint8 RGB (EXIF orientation applied), within
-    :data:`LIMITS`; :class:`DataError` naming ``name`` otherwise."""
-    import io
-
-    if len(data) > LIMITS.max_bytes:
-        raise DataError(f"{name}: {len(data) / 2**20:.0f} MB is over the limit (CNNKIT_MAX_IMAGE_BYTES)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > LIMITS.max_pixels:
-                    raise DataError(f"{name}: {w}x{h} pixels {_OVER_LIMIT.format(LIMITS.max_pixels)}")
-                arr = _to_rgb_array(ImageOps.exif_transpose(im))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{name}: cannot decode image ({exc})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    """An encoded image in memory as ``[3, H, W]`` uint8 RGB, as :func:`read_image` decodes a file
+    (EXIF orientation, :data:`LIMITS`); :class:`DataError` naming ``name`` otherwise."""
+    return _read_pillow(Path(name), data)
 
 
 def to_image_tensor(image: Any, name: str = "image") -> torch.Tensor:
