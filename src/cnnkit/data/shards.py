@@ -202,7 +202,7 @@ def is_shards(source: str | os.PathLike[str] | None) -> bool:
     path = Path(text)
     if path.is_dir():
         path = path / MANIFEST
-    elif text.endswith((".tar", ".tar}")) or "{" in text:
+    elif text.endswith(".tar"):  # a shard, or a brace pattern of them (an image named a{1}.png is not)
         return True
     if path.name != MANIFEST or not path.is_file():
         return False
