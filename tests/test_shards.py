@@ -40,7 +40,7 @@ from cnnkit.workflows.spec import get_task
 
 wds = pytest.importorskip("webdataset")
 from cnnkit.data.shard_stream import ShardStream  # noqa: E402
-from cnnkit.data.shards import read_manifest  # noqa: E402
+from cnnkit.data.shards import is_shards, read_manifest  # noqa: E402
 from cnnkit.engine.distributed import ShardSampler  # noqa: E402
 from cnnkit.workflows.shards import pack_data, task_data  # noqa: E402
 
@@ -87,7 +87,9 @@ def names_stream(shards: Path, split: str = "val", **kw: Any) -> ShardStream:
     return ShardStream(m.urls[split], m.counts[split], Names, **kw)
 
 
-def test_pack_writes_every_sample_as_it_was_with_a_manifest(packed: dict[str, tuple[Path, Path]]) -> None:
+def test_pack_writes_every_sample_as_it_was_with_a_manifest(
+    packed: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     src, shards = packed["classify"]
     manifest = yaml.safe_load((shards / "dataset.yaml").read_text())
     assert manifest["task"] == "classify" and manifest["names"] == ["one", "two", "zero"]
@@ -114,6 +116,9 @@ def test_pack_writes_every_sample_as_it_was_with_a_manifest(packed: dict[str, tu
     assert all((again / t.name).read_bytes() == t.read_bytes() for t in shards.glob("*.tar"))  # reproducible
     with pytest.raises(DataError, match="shards; data check reads a dataset's files"):
         check("classify", shards, out=None)
+    braces = tmp_path / "a{1}.png"  # an image, not a brace pattern of shards
+    braces.write_bytes(next(src.rglob("*.png")).read_bytes())
+    assert not is_shards(braces) and is_shards(shards / "train-{000000..000001}.tar")
 
 
 def test_every_task_trains_validates_and_predicts_from_shards(packed: dict[str, tuple[Path, Path]]) -> None:
