@@ -7,6 +7,7 @@ RGBA, palette and 16-bit images all come out as 8-bit RGB.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import io
@@ -58,12 +59,34 @@ class ImageLimits:
 
 LIMITS = ImageLimits()
 
+# Files held in memory under a path name (a shard's samples): read_image, open_image and everything built
+# on them (masks, a dataset's first-sample checks) read these bytes instead of the disk.
+_HELD: dict[str, bytes] = {}
+_HOLDS: collections.Counter[str] = collections.Counter()
+
+
+def hold_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Make ``path`` read as ``data`` in this process, until each hold is released (:func:`release_file`);
+    nothing is written."""
+    _HELD[str(path)] = data
+    _HOLDS[str(path)] += 1
+
+
+def release_file(path: str | os.PathLike[str]) -> None:
+    name = str(path)
+    _HOLDS[name] -= 1
+    if _HOLDS[name] <= 0:
+        del _HOLDS[name]
+        _HELD.pop(name, None)
+
 
 @contextlib.contextmanager
 def open_image(path: str | os.PathLike[str], data: bytes | None = None) -> Iterator[Image.Image]:
     """The image at ``path`` (or encoded in ``data``, named ``path``) opened lazily (header only) after
     checking it is within :data:`LIMITS`; :class:`DataError` naming the file otherwise."""
     path = Path(path)
+    if data is None:
+        data = _HELD.get(str(path))
     if Image.MAX_IMAGE_PIXELS is not None and LIMITS.max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels  # Pillow's own guard must not refuse what is allowed
     try:
@@ -97,21 +120,22 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     """Decode ``path`` to an RGB ``uint8`` tensor ``[3, H, W]``; raise :class:`DataError` naming it
     (unreadable, or over :data:`LIMITS`)."""
     path = Path(path)
+    data = _HELD.get(str(path))
     if path.suffix.lower() in _FAST:
-        with open_image(path):  # the header: limits are checked before anything is decoded
+        with open_image(path, data):  # the header: limits are checked before anything is decoded
             pass
         try:
-            return _read_torchvision(path)
+            return _read_torchvision(path, data)
         except (RuntimeError, ValueError, ImportError):
             pass  # unusual variants (CMYK JPEG, 16-bit PNG with alpha...): let Pillow try
-    return _read_pillow(path)
+    return _read_pillow(path, data)
 
 
-def _read_torchvision(path: Path) -> torch.Tensor:
+def _read_torchvision(path: Path, data: bytes | None = None) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    data = read_file(str(path))
-    img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    encoded = read_file(str(path)) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    img = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     if img.dtype == torch.uint16:  # 16-bit PNG
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
     return img
@@ -158,9 +182,12 @@ def verify_image(path: str | os.PathLike[str]) -> str | None:
 
 def _jpeg_complete(path: Path) -> bool:
     """Whether the JPEG ends with its end-of-image marker (a file cut short does not)."""
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 64))
-        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    tail = _HELD.get(str(path))
+    if tail is None:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 64))
+            tail = f.read()
+    return tail[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 def keep_readable(

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from cnnkit.data.images import open_image
+from cnnkit.data.images import hold_file, open_image, release_file
 from cnnkit.data.shards import image_key, read_shard, sample_from
 from cnnkit.errors import DataError
 
@@ -38,8 +35,6 @@ class ShardStream(IterableDataset[Any]):
         self.urls, self.counts, self.build = list(urls), list(counts), build
         self.total = sum(self.counts)
         self.buffer, self.strict = max(1, buffer), strict
-        self._serial = 0
-        self._folders: dict[str, Path] = {}
         self.plan(shuffle=False, seed=0, rank=0, world=1, length=self.total, batch=1, cycle=False)
 
     def plan(
@@ -63,17 +58,16 @@ class ShardStream(IterableDataset[Any]):
         quota = self._quota(w, workers)
         if quota <= 0:
             return
-        scratch = Path(tempfile.mkdtemp(prefix="cnnkit-shards-", dir=_scratch_root()))
-        self._folders = {}
+        held: Counter[Path] = Counter()  # files this pass holds in memory (released as items are made)
         try:
-            yield from self._serve(self._samples(w, workers, scratch), quota, scratch)
+            yield from self._serve(self._samples(w, workers, held), quota, held)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            _release(list(held.elements()), held)
 
-    def _samples(self, w: int, workers: int, scratch: Path) -> Iterator[tuple[Any, list[Path]]]:
-        """This reader's samples written out to ``scratch`` as they are asked for: its shards when there
-        are enough, else every ``G``-th sample of all (``G`` readers in all; evaluation deals samples as
-        the loader's batches); training reads them again while it needs more."""
+    def _samples(self, w: int, workers: int, held: Counter[Path]) -> Iterator[tuple[Any, list[Path]]]:
+        """This reader's samples, held in memory as they are asked for: its shards when there are enough,
+        else every ``G``-th sample of all (``G`` readers in all; evaluation deals samples as the loader's
+        batches); training reads them again while it needs more."""
         order = list(range(len(self.urls)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)  # the same order in every process and worker
@@ -89,34 +83,30 @@ class ShardStream(IterableDataset[Any]):
                         p, position = position, position + 1
                         if p % self.world != self.rank or (p // self.world // self.batch) % workers != w:
                             continue
-                    got = self._unpack(raw, self.urls[k], scratch)
+                    got = self._unpack(raw, self.urls[k], held)
                     if got is not None:
                         produced += 1
                         yield got
             if not self.cycle or produced == 0:
                 return
 
-    def _unpack(self, raw: dict[str, Any], url: str, scratch: Path) -> tuple[Any, list[Path]] | None:
+    def _unpack(self, raw: dict[str, Any], url: str, held: Counter[Path]) -> tuple[Any, list[Path]] | None:
+        """The sample and the files it reads, held in memory (nothing is written) under the names
+        ``SHARD/KEY.EXT``: the task's dataset reads them as files, and a bad one is named by shard and key."""
         key = raw.get("__key__", "?")
         where = f"{url} {key}"
+        files: dict[str, Path] = {}
         try:
             labels = json.loads(raw["json"])
             image_ext = image_key(raw)
             if image_ext is None:
                 raise KeyError("image")
-            folder = self._folders.get(url)
-            if folder is None:  # one folder per shard: a bad sample's path names its shard and key
-                folder = self._folders[url] = scratch / re.sub(r"[^\w.-]", "_", Path(url).name)
-                folder.mkdir(exist_ok=True)
-            self._serial += 1  # a sample read again (a second pass) while still buffered gets its own files
-            stem = f"{key}-{self._serial}"
-            files = {"image": folder / f"{stem}.{image_ext}"}
-            files["image"].write_bytes(raw[image_ext])
             masks = [k for k in raw if k.startswith("mask.")]
-            if masks:
-                files["mask"] = folder / f"{stem}.{masks[0]}"
-                files["mask"].write_bytes(raw[masks[0]])
-            if self.strict:  # else a bad image is reported (shard folder, key) and replaced when read
+            for role, ext in [("image", image_ext)] + [("mask", m) for m in masks[:1]]:
+                files[role] = Path(url) / f"{key}.{ext}"
+                hold_file(files[role], raw[ext])
+                held[files[role]] += 1
+            if self.strict:  # else a bad image is reported (shard, key) and replaced when read
                 with open_image(files["image"]):
                     pass
             return sample_from(labels, files), list(files.values())
@@ -124,8 +114,7 @@ class ShardStream(IterableDataset[Any]):
             self._problem(f"{where}: a sample without its image or json labels")
         except (ValueError, TypeError, DataError) as exc:
             self._problem(f"{where}: bad sample ({exc})")
-        for p in scratch.rglob(f"{key}-{self._serial}.*"):
-            p.unlink(missing_ok=True)
+        _release(files.values(), held)
         return None
 
     def _problem(self, message: str) -> None:
@@ -133,10 +122,12 @@ class ShardStream(IterableDataset[Any]):
             raise DataError(message)
         log.warning("skipping %s", message)
 
-    def _serve(self, samples: Iterator[tuple[Any, list[Path]]], quota: int, scratch: Path) -> Iterator[Any]:
+    def _serve(
+        self, samples: Iterator[tuple[Any, list[Path]]], quota: int, held: Counter[Path]
+    ) -> Iterator[Any]:
         """``quota`` items. The buffer grows by two samples for each item that leaves it (a random one; the
         oldest when not shuffling) until it holds ``buffer`` samples, so items flow from the first
-        hundred samples on; an item's files are deleted once it is made."""
+        hundred samples on; an item's files are released once it is made."""
         rng = random.Random(self.seed * 1_000_003 + self.rank * 1009 + (get_worker_info() or _Solo).id)
         size = self.buffer if self.shuffle else 1
         start = min(size, 100)
@@ -151,9 +142,8 @@ class ShardStream(IterableDataset[Any]):
                 try:  # the task's dataset, made on the first sample (which it checks)
                     dataset = self.build([sample])
                 except DataError as exc:
-                    self._problem(f"{paths[0].parent.name} {paths[0].stem.rsplit('-', 1)[0]}: {exc}")
-                    for p in paths:
-                        p.unlink(missing_ok=True)
+                    self._problem(f"{paths[0].parent} {paths[0].stem}: {exc}")
+                    _release(paths, held)
                     return
                 buffer = dataset.samples  # the dataset reads its samples from the buffer itself
             else:
@@ -168,8 +158,7 @@ class ShardStream(IterableDataset[Any]):
                 produced += 1
             except DataError:  # nothing in the buffer decodes: this one leaves it, another is read
                 item = _FAILED
-            for p in files[j]:
-                p.unlink(missing_ok=True)
+            _release(files[j], held)
             buffer[j], files[j] = buffer[-1], files[-1]  # the last fills the gap: order is random anyway
             buffer.pop()
             files.pop()
@@ -197,7 +186,9 @@ class _Solo:
     id = 0
 
 
-def _scratch_root() -> str | None:
-    """``/dev/shm`` (memory) when it is writable, else the system's temporary folder."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+def _release(paths: Iterable[Path], held: Counter[Path]) -> None:
+    for path in paths:
+        release_file(path)
+        held[path] -= 1
+        if not held[path]:
+            del held[path]
