@@ -8,9 +8,9 @@ shard's SHA-256.
 Reading (:class:`~cnnkit.data.shard_stream.ShardStream`) never holds more than a shuffle buffer of
 samples: each process of a distributed run and each data-loading worker reads its own shards (or, with
 fewer shards than readers, its own samples of them), every epoch in a new order (shards, then a buffer
-of samples). The samples in the buffer lie in a scratch folder in memory (``/dev/shm`` where there is
-one) and are read by the task's own dataset class: the same decoding, checks and augmentation as files
-on disk.
+of samples). The samples in the buffer are held in memory under their names (``SHARD/KEY.EXT``) and read
+by the task's own dataset class as files (:func:`cnnkit.data.images.hold_file`): the same decoding, checks
+and augmentation as files on disk. Tars are parsed by :mod:`cnnkit.data.tarstream`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from cnnkit.data import tarstream
 from cnnkit.data.formats.base import DetSample
 from cnnkit.data.localize import LocSample, PointSample
 from cnnkit.errors import DataError
@@ -113,8 +114,9 @@ def pack(
     progress: bool = True,
 ) -> Path:
     """Write each split's samples, in the order given, into ``out/{split}-000000.tar``... (a new shard
-    past ``shard_size`` bytes) and ``out/dataset.yaml`` (``seed``: that of the shuffle that made the
-    order, recorded); file bytes are copied as they are. ``out`` must be new or empty."""
+    before one would pass ``shard_size`` bytes, unless a single sample is larger) and
+    ``out/dataset.yaml`` (``seed``: that of the shuffle that made the order, recorded); file bytes are
+    copied as they are. ``out`` must be new or empty."""
     from tqdm import tqdm
 
     wds = webdataset()
@@ -138,14 +140,20 @@ def pack(
         pattern = str(out / f"{split}-%06d.tar")
         # an integer time: no PAX header per file (half the parsing when read); the same data packs into
         # the same bytes
-        writer = {"maxsize": shard_size, "maxcount": 1 << 40, "verbose": 0, "mtime": 0}
+        writer = {"maxsize": float("inf"), "maxcount": 1 << 40, "verbose": 0, "mtime": 0}
         with wds.ShardWriter(pattern, **writer) as sink:
+            written = 0  # bytes of the shard being written, tar headers and padding included
             for i, sample in enumerate(tqdm(samples, desc=f"pack {split}", disable=not progress or None)):
                 labels, files = sample_labels(sample)
                 entry = {"__key__": f"{split}{i:09d}", "json": json.dumps(labels).encode()}
                 for role, path in files.items():
                     ext = path.suffix.lower().lstrip(".") or "bin"
                     entry[ext if role == "image" else f"{role}.{ext}"] = path.read_bytes()
+                size = sum(512 + -(-len(v) // 512) * 512 for k, v in entry.items() if k != "__key__")
+                if written and written + size > shard_size:  # (ShardWriter's own count leaves headers out)
+                    sink.next_stream()
+                    written = 0
+                written += size
                 sink.write(entry)
                 shard = sink.shard - 1  # ShardWriter numbers the shard it is writing from 1
                 while len(counts) <= shard:
@@ -279,13 +287,10 @@ def read_shard(
     """The samples of one shard (``__key__`` and a bytes value per file ending); a shard cut short or
     corrupt is reported once (samples read of ``expected``, the last key) and its remaining samples are
     lost."""
-    wds = webdataset()
     key, n = None, 0
     try:
         with open_stream(url) as stream:
-            tar = wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception)
-            files = ({**f, "__url__": url} for f in tar)
-            for sample in wds.tariterators.group_by_keys(files, handler=wds.reraise_exception):
+            for sample in tarstream.samples(stream):
                 key, n = sample["__key__"], n + 1
                 yield sample
     except (tarfile.TarError, OSError, ValueError, EOFError, DataError) as exc:
