@@ -13,6 +13,7 @@ SUITES = (
     "bench_detect",
     "bench_distributed",
     "bench_export",
+    "bench_backends",
     "bench_serve",
     "bench_shards",
 )

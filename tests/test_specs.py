@@ -160,7 +160,7 @@ LAYERS = [
     {"data"},
     {"tasks"},
     {"engine", "inference"},
-    {"workflows", "export", "benchmark", "sliding"},
+    {"workflows", "export", "backends", "benchmark", "sliding"},
     {"demo", "serve"},
     {"cli", "cli_tasks", "cli_arith", "__init__", "__main__"},
 ]

@@ -85,10 +85,13 @@ def load(
     *,
     tta: Any = False,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    backend: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
 ) -> Predictor:
     """A predictor for trained ``weights`` of any task (``.safetensors``, or an exported ``.onnx``): call it
     on images (see :class:`cnnkit.workflows.predictor.Predictor`). ``tta``: True (mirror) or a
-    :class:`~cnnkit.tasks.base.TTA`; ``ensemble``: more weights combined with these."""
+    :class:`~cnnkit.tasks.base.TTA`; ``ensemble``: more weights combined with these; ``backend``: what runs
+    the model (:mod:`cnnkit.backends`: ``auto``, ``onnxruntime``, ``openvino``...)."""
     from cnnkit.workflows.predictor import Predictor
 
-    return Predictor(weights, device, fast, tta=tta, ensemble=ensemble)
+    return Predictor(weights, device, fast, tta=tta, ensemble=ensemble, backend=backend, calib=calib)

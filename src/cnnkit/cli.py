@@ -65,6 +65,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from cnnkit.export import export
 
+    if args.int8 and (args.format != "onnx" or not args.calib):
+        raise CnnkitError("--int8 quantizes the ONNX graph: it needs --format onnx and --calib DATA")
     result = export(
         args.weights,
         args.format,
@@ -82,6 +84,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{result.path} ({result.format}; outputs {', '.join(result.outputs)}): max difference from PyTorch "
         f"{result.max_diff:.2e} (tolerance {result.tolerance:.0e}), {result.seconds:.1f} s"
     )
+    if args.int8:
+        from cnnkit.workflows.int8 import export_int8
+
+        print(export_int8(args.weights, result.path, args.calib, data=args.data).line())
     return 0
 
 
@@ -108,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_images=args.max_images,
                     max_video_bytes=args.max_video_bytes, max_frames=args.max_frames)  # fmt: skip
     serve(args.weights, host=args.host, port=args.port, token=args.token, limits=limits, runs=args.runs,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device)  # fmt: skip
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device,
+          backend=args.backend)  # fmt: skip
     return 0
 
 
@@ -150,7 +157,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cnnkit import __version__
+    from cnnkit import __version__, cli_arith, cli_tasks
 
     parser = _Parser(prog="cnnkit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
@@ -192,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=int, default=100, help="--nms: boxes kept per class and image")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max difference relative to output scale")
+    p.add_argument("--int8", action="store_true",
+                   help="also write FILE.int8.onnx, quantized (static, per-channel), calibrated on --calib; "
+                   "prints its validation metric beside fp32's and the speed-up")  # fmt: skip
+    p.add_argument("--calib", metavar="DATA", help="--int8: images to calibrate on (a few hundred training)")
+    p.add_argument("--data", help="--int8: validation data for the metric (default: what the weights record)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -214,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-video-bytes", type=int, default=200_000_000, help="bytes per video")
     p.add_argument("--max-frames", type=int, default=600, help="frames taken from one video (at its ?fps=)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    cli_tasks.add_backend_flag(p)
     p.add_argument("--runs", help="a folder of training runs for the runs page (e.g. runs/)")
     p.set_defaults(func=cmd_serve)
 
@@ -241,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="time ONNX Runtime too (when installed)",
     )
     p.set_defaults(func=cmd_benchmark)
-
-    from cnnkit import cli_arith, cli_tasks
 
     cli_tasks.add_commands(sub)
     cli_arith.add_commands(sub)

@@ -132,6 +132,8 @@ def cmd_val(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         fast=args.fast,
+        backend=args.backend,
+        calib=args.calib,
         options=_options(args, spec.ValOptions),
         out=args.out,
         name=args.name,
@@ -186,6 +188,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out=args.out,
         device=args.device,
         fast=args.fast,
+        backend=args.backend,
+        calib=args.calib,
         options=_options(args, spec.PredictOptions),
         tta=_tta(args),
         ensemble=args.ensemble,
@@ -227,7 +231,20 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help=FAST_HELP)
+    add_backend_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_backend_flag(p: argparse.ArgumentParser) -> None:
+    from cnnkit.backends import CHOICES
+
+    p.add_argument(
+        "--backend", choices=CHOICES, metavar="NAME",
+        help=f"what runs the model: {', '.join(CHOICES)} (default: $CNNKIT_BACKEND or eager, the fast "
+        "PyTorch path; auto times the installed ones once per model and machine and keeps the fastest "
+        "that agrees with fp32; *-int8 need --calib)",
+    )  # fmt: skip
+    p.add_argument("--calib", metavar="DATA", help="images int8 calibrates on (a few hundred training ones)")
 
 
 def cmd_data_builtin(args: argparse.Namespace) -> int:

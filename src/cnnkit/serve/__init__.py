@@ -84,8 +84,11 @@ def _option_fields(spec: TaskSpec) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
 
 
-def load_slots(weights: Sequence[str], device: str = "auto", fast: bool = True) -> dict[str, Slot]:
-    """``PATH`` or ``NAME=PATH`` each; a model is named by its file's stem unless named."""
+def load_slots(
+    weights: Sequence[str], device: str = "auto", fast: bool = True, backend: str | None = None
+) -> dict[str, Slot]:
+    """``PATH`` or ``NAME=PATH`` each; a model is named by its file's stem unless named; ``backend``: what
+    runs the models (:mod:`cnnkit.backends`)."""
     slots: dict[str, Slot] = {}
     for item in weights:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
@@ -94,7 +97,8 @@ def load_slots(weights: Sequence[str], device: str = "auto", fast: bool = True) 
             raise CnnkitError(f"two models named {name!r}: name them, --weights NAME=PATH")
         meta = read_metadata(path)
         task = task_of(meta)
-        slots[name] = Slot(name, path, get_task(task), meta, Loaded.of(path, task, device=device, fast=fast))
+        loaded = Loaded.of(path, task, device=device, fast=fast, backend=backend)
+        slots[name] = Slot(name, path, get_task(task), meta, loaded)
     return slots
 
 
@@ -411,12 +415,14 @@ def serve(
     max_wait_ms: float = 0.0,
     device: str = "auto",
     runs: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
 ) -> None:
     """Serve ``weights`` until interrupted (SIGINT/SIGTERM finish the requests in flight)."""
     try:
         import uvicorn
     except ImportError:
         raise CnnkitError("cnnkit serve needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
-    app = create_app(load_slots(weights, device), token=token, limits=limits, max_batch=max_batch,
-                     max_wait_ms=max_wait_ms, runs=runs, device=device)  # fmt: skip
+    slots = load_slots(weights, device, backend=backend)
+    app = create_app(slots, token=token, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     runs=runs, device=device)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

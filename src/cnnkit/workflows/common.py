@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +18,18 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cnnkit.api import create_model
+from cnnkit.backends import default_backend, prepare_backend
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_eval_transform
 from cnnkit.engine.callbacks import drawn_or_logged
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.engine.device import select_device
 from cnnkit.engine.loops import evaluate, load_training_state, make_loader
 from cnnkit.engine.pictures import draw_predictions
-from cnnkit.errors import CnnkitError
-from cnnkit.inference import OnnxModel, prepare
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.inference import OnnxModel
 from cnnkit.io import atomic_path
 from cnnkit.tasks.base import TTA, Combined, Task
-from cnnkit.weights import read_metadata, task_of
+from cnnkit.weights import max_side, read_metadata, task_of
 
 log = logging.getLogger("cnnkit")
 
@@ -79,13 +81,22 @@ class Loaded:
         ensemble: Sequence[str | os.PathLike[str]] = (),
         device: str = "auto",
         fast: bool = True,
+        backend: str | None = None,
+        calib: str | os.PathLike[str] | None = None,
         loaded: Loaded | None = None,
     ) -> Loaded:
-        """``loaded`` when given (already loaded), else the weights loaded now."""
+        """``loaded`` when given (already loaded), else the weights loaded now and prepared for ``backend``
+        (:mod:`cnnkit.backends`; None: ``$CNNKIT_BACKEND`` or the fast PyTorch path), ``auto`` choosing at
+        one image of the recorded input size; ``calib``: images int8 backends calibrate on."""
         if loaded is not None:
             return loaded
         model, meta = load_task_model(weights, task, tta=tta, ensemble=ensemble)
-        return cls(model, meta, prepare(model, select_device(device), fast))
+        side = max_side(meta.get("imgsz")) or 224
+        example = torch.randn(1, int((meta.get("args") or {}).get("in_chans", 3)), side, side)
+        batches = calibration_batches(calib, meta) if calib else []
+        backend = backend or default_backend()
+        prepared = prepare_backend(model, select_device(device), backend, example, fast=fast, calib=batches)
+        return cls(model, meta, prepared)
 
 
 def _combined(
@@ -172,6 +183,28 @@ def classifier_transform(meta: dict[str, Any]) -> Any:
     )
 
 
+def calibration_batches(
+    source: str | os.PathLike[str], meta: dict[str, Any], count: int = 256, batch: int = 16
+) -> list[torch.Tensor]:
+    """Up to ``count`` images under ``source`` (a seeded random pick; mask folders left out) prepared as
+    the model's input (:func:`preprocess` at the recorded size), in batches: what int8 calibrates on."""
+    from cnnkit.data.formats.masks import MASK_DIRS
+    from cnnkit.data.images import iter_images, read_image
+
+    paths = [p for p in iter_images([source]) if not {d.lower() for d in p.parts[:-1]} & set(MASK_DIRS)]
+    if not paths:
+        raise DataError(f"{source}: no images to calibrate int8 on (give training images: --calib DATA)")
+    random.Random(0).shuffle(paths)
+    side = max_side(meta.get("imgsz")) or 224
+    images = []
+    for path in paths[:count]:
+        try:
+            images.append(preprocess(read_image(path), side, meta)[0])
+        except DataError as exc:
+            log.warning("calibration: skipping %s", exc)
+    return [torch.stack(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+
 def normalise(x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """``[B, 3, H, W]`` pixels in [0, 1] normalised with the mean and std a run recorded."""
     return (x - torch.tensor(meta["mean"]).view(3, 1, 1)) / torch.tensor(meta["std"]).view(3, 1, 1)
@@ -199,16 +232,24 @@ def evaluate_dataset(
     device: str,
     workers: int,
     fast: bool = True,
+    backend: str | None = None,
+    calib: Sequence[torch.Tensor] = (),
     collate_fn: Any = None,
 ) -> tuple[dict[str, float], Any]:
     """One validation pass of ``model`` over ``dataset`` on ``device``; ``fast``: the fast inference path
-    (:mod:`cnnkit.inference`: folded BatchNorm, channels-last, reduced-precision autocast)."""
+    (:mod:`cnnkit.inference`: folded BatchNorm, channels-last, reduced-precision autocast) run by
+    ``backend`` (:mod:`cnnkit.backends`; ``auto`` chooses on the first batch)."""
     dev = select_device(device)
-    prepared = prepare(model, dev, fast)
     loader = make_loader(dataset, batch, shuffle=False, workers=workers, device=dev, collate_fn=collate_fn)
-    return evaluate(
-        task, prepared.model, loader, dev, prepared.dtype, progress=True, channels_last=prepared.channels_last
-    )
+    backend = backend or default_backend()
+    example = torch.zeros(0)
+    if fast and backend != "eager":  # the first batch: what auto times and checks on, the graph's example
+        first = next(iter(make_loader(dataset, batch, shuffle=False, workers=0, device=dev,
+                                      collate_fn=collate_fn)), None)  # fmt: skip
+        example = example if first is None else task.inputs(first)
+    prepared = prepare_backend(model, dev, backend, example, fast=fast, calib=calib)
+    return evaluate(task, prepared.model, loader, prepared.device, prepared.dtype, progress=True,
+                    channels_last=prepared.channels_last)  # fmt: skip
 
 
 def write_val_outputs(

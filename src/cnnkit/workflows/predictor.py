@@ -140,7 +140,9 @@ class Predictor:
     """Trained weights of any task (cnnkit ``.safetensors``, or the ``.onnx`` file ``cnnkit export`` wrote,
     run by ONNX Runtime), ready to predict (see the module's example). Keyword arguments of a call are the
     task's predict options (``conf=``, ``iou=``, ``topk=``...). ``fast``: the fast inference path
-    (folded BatchNorm, reduced-precision autocast where the device has it); False: plain fp32."""
+    (folded BatchNorm, reduced-precision autocast where the device has it); False: plain fp32.
+    ``backend``: what runs it (:mod:`cnnkit.backends`: ``auto``, ``onnxruntime``, ``openvino``...);
+    ``calib``: images an int8 backend calibrates on."""
 
     def __init__(
         self,
@@ -150,12 +152,15 @@ class Predictor:
         *,
         tta: bool | TTA = False,
         ensemble: Sequence[str | os.PathLike[str]] = (),
+        backend: str | None = None,
+        calib: str | os.PathLike[str] | None = None,
     ) -> None:
         meta = read_metadata(weights)
         self.weights, self.device, self.fast = str(weights), device, fast
         self.task = task_of(meta)
         # loaded once, on the first call: later calls do not read the weights again
-        self._load: dict[str, Any] = {"tta": tta, "ensemble": list(ensemble), "device": device, "fast": fast}
+        self._load: dict[str, Any] = {"tta": tta, "ensemble": list(ensemble), "device": device, "fast": fast,
+                                      "backend": backend, "calib": calib}  # fmt: skip
         self._loaded: Loaded | None = None
         self.spec = get_task(self.task)
         count = int((meta.get("args") or {}).get("num_classes") or 0)  # a plain model's classes are numbered

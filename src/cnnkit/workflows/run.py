@@ -29,6 +29,8 @@ from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.base import TTA
 from cnnkit.weights import read_metadata, task_of
 from cnnkit.workflows.common import (
+    Loaded,
+    calibration_batches,
     evaluate_dataset,
     load_task_model,
     rebuild_model,
@@ -166,6 +168,8 @@ def val(
     device: str = "auto",
     workers: int = 2,
     fast: bool = True,
+    backend: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     name: str = "exp",
     tta: bool | TTA = False,
@@ -175,7 +179,8 @@ def val(
     same seed); ``task``: refuse weights of another task. ``options`` is the spec's ``ValOptions``
     instance (thresholds), None for its defaults. With ``out``, a new folder ``out/TASK/name`` (``name2``...
     when it exists) gets ``metrics.json``, ``per_class.csv``, the task's plots and ``val_pred.jpg``.
-    ``tta``: average each image with its mirror; ``ensemble``: more weights averaged with these."""
+    ``tta``: average each image with its mirror; ``ensemble``: more weights averaged with these.
+    ``backend``: what runs the model (:mod:`cnnkit.backends`); ``calib``: images int8 calibrates on."""
     spec = _spec_of(weights, task)
     if spec.name == "detect" and str(weights).endswith(".onnx"):
         raise CnnkitError(
@@ -210,6 +215,8 @@ def val(
         device=device,
         workers=workers,
         fast=fast,
+        backend=backend,
+        calib=calibration_batches(calib, meta) if calib else (),
         collate_fn=dataset.collate_fn,
     )
     found = spec.val_report(evaluator, names)
@@ -240,12 +247,18 @@ def predict(
     task: str | None = None,
     out: str | os.PathLike[str] | None = None,
     options: Any = None,
+    backend: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> Iterator[PredictRecord]:
     """Predict with trained ``weights`` on images (files, folders, globs, videos, or images in memory:
     PIL, numpy, tensors); ``out``: where the drawn images go. ``options`` is the spec's
-    ``PredictOptions`` instance (None: its defaults)."""
+    ``PredictOptions`` instance (None: its defaults); ``backend``: what runs the model
+    (:mod:`cnnkit.backends`)."""
     spec = _spec_of(weights, task)
+    if backend is not None and kwargs.get("loaded") is None:
+        load = {k: kwargs.pop(k) for k in ("tta", "ensemble", "device", "fast") if k in kwargs}
+        kwargs["loaded"] = Loaded.of(weights, spec.name, backend=backend, calib=calib, **load)
     yield from spec.predict(
         str(weights),
         [str(s) if isinstance(s, str | os.PathLike) else s for s in sources],  # or images in memory
