@@ -63,7 +63,9 @@ def bytes_per_image(model: nn.Module, size: int) -> float:
 
 
 def timings(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median milliseconds per call of each runner, rounds interleaved (each round in another order)."""
+    """Median milliseconds per call of each runner, rounds interleaved (each round in another order), each
+    call after a pause of 0.1 s: ONNX Runtime's threads spin after a run by default and slow whatever runs
+    next (an OpenVINO resnet50 run: 40 ms instead of 24)."""
     for run in runners.values():
         run()
         run()
@@ -71,6 +73,7 @@ def timings(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     names = list(runners)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(0.1)
             t = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t)
@@ -112,8 +115,12 @@ def one_batch(ours: nn.Module, peer: nn.Module, torchvision_peer: bool, size: in
     xn, xc = x.numpy(), x.contiguous(memory_format=torch.channels_last)
     expert = peer.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     graph = backends.onnx_graph(ours, x)
-    ort = backends._onnxruntime(graph, cpu)
-    ov = backends._openvino(graph) if backends.installed("openvino") else None
+    ort = backends.require("onnxruntime").InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    ov = (
+        backends.require("openvino").compile_model(str(graph), "CPU")
+        if backends.installed("openvino")
+        else None
+    )
     auto, choice = backends.choose(ours, cpu, x)
     calib = [torch.randn(8, 3, size, size) for _ in range(4)]
     int8_name = "openvino-int8" if ov is not None else "onnxruntime-int8"
@@ -128,8 +135,8 @@ def one_batch(ours: nn.Module, peer: nn.Module, torchvision_peer: bool, size: in
             return expert(xc)
 
     who = "torchvision" if torchvision_peer else "pytorch"
-    peers: dict[str, Callable[[], object]] = {f"{who} fp32": tv_fp32, f"{who} expert": tv_expert,
-                                              "onnxruntime": lambda: ort(xn)}  # fmt: skip
+    peers: dict[str, Callable[[], object]] = {f"{who} fp32": tv_fp32, f"{who} expert": tv_expert}
+    peers["onnxruntime"] = lambda: ort.run(None, {"images": xn})
     if ov is not None:
         peers["openvino"] = lambda: ov(xn)
     ours_auto, ours_int8 = f"cnnkit auto ({choice.backend})", f"cnnkit {int8_name}"

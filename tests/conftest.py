@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,15 @@ def _run_cnnkit(
 def cnnkit_cli() -> CliRun:
     """Run the command line in a child process: ``cnnkit_cli("train", "detect", ..., cwd=..., ok=...)``."""
     return _run_cnnkit
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Downloaded weights, exported graphs and backend choices go to the session's folder, not ~/.cache
+    (command-line children inherit it)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CNNKIT_CACHE", str(tmp_path_factory.mktemp("cnnkit-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ activations calibrated on images given with ``calib``).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -227,6 +228,9 @@ def _onnxruntime(graph: Path, device: torch.device, provider: str = "") -> Calla
     ort = require("tensorrt" if provider == "TensorrtExecutionProvider" else "onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's threads spin for a while after each run by default: measured here, an OpenVINO run
+    # right after one took 40 ms instead of 24 (resnet50), and so would the image decoding between batches
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -236,13 +240,17 @@ def _onnxruntime(graph: Path, device: torch.device, provider: str = "") -> Calla
     return lambda x: session.run(None, {"images": x})
 
 
+@functools.cache
+def _openvino_core() -> Any:
+    return require("openvino").Core()  # one per process, as OpenVINO advises: its models share threads
+
+
 def _openvino(graph: Path) -> Callable[[np.ndarray], Any]:
-    ov = require("openvino")
-    compiled = ov.Core().compile_model(str(graph), "CPU")  # its defaults: bf16 where the CPU has it
+    compiled = _openvino_core().compile_model(str(graph), "CPU")  # its defaults: bf16 where the CPU has it
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        request.infer({0: x})
+        request.infer({0: x}, share_inputs=True)  # read in place: no copy of the batch
         return [request.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]
 
     return run
@@ -307,7 +315,9 @@ def difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def time_ms(run: FastModel, x: torch.Tensor, budget: float = 0.5) -> float:
-    """Median milliseconds per call: two warm-up calls, then at least 3 and up to ``budget`` seconds."""
+    """Median milliseconds per call: two warm-up calls, then at least 3 and up to ``budget`` seconds
+    (after a pause: another runtime's threads may still be spinning)."""
+    time.sleep(0.1)
     run(x)
     run(x)
     times: list[float] = []

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnkit.api import create_model
+from cnnkit.backends import build, choose, precision
 from cnnkit.export import DecodedDetector, quiet_exporter
 from cnnkit.inference import fold_batchnorm, prepare
 from cnnkit.summary import summarize
@@ -82,7 +83,9 @@ class BenchReport:
 
 
 def _times(fn: Callable[[], object], repeats: int) -> list[float]:
-    """Seconds per call over ``repeats`` calls, after two warm-up calls."""
+    """Seconds per call over ``repeats`` calls, after a pause (ONNX Runtime's threads spin for a while
+    after its runs and would slow the next runtime down) and two warm-up calls."""
+    time.sleep(0.1)
     fn()
     fn()
     times: list[float] = []
@@ -116,9 +119,17 @@ def _load(model: str, imgsz: int | None) -> tuple[str, nn.Module, int]:
 
 
 def benchmark(
-    model: str, *, imgsz: int | None = None, batch: int = 8, repeats: int = 10, onnx: bool = True
+    model: str,
+    *,
+    imgsz: int | None = None,
+    batch: int = 8,
+    repeats: int = 10,
+    onnx: bool = True,
+    backends: Sequence[str] = (),
 ) -> BenchReport:
-    """Time ``model`` (a registered name, random weights, or a cnnkit weights file) every way."""
+    """Time ``model`` (a registered name, random weights, or a cnnkit weights file) every way; plus each
+    of ``backends`` (:mod:`cnnkit.backends`; ``auto`` names its choice; int8 calibrated on random
+    inputs: a speed, not an accuracy)."""
     name, net, size = _load(model, imgsz)
     cpu = torch.device("cpu")
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
@@ -150,6 +161,11 @@ def benchmark(
         session = _onnx_session(folded, x1)
         if session is not None:
             runners["onnxruntime"] = lambda x: session.run(None, {"images": x.numpy()})
+    for backend in backends:
+        label, fast_model = _backend(net, backend, xb)
+        runners[label] = fast_model
+        if precision(fast_model_name(label), cpu) == "reduced":
+            reduced.add(label)
     rows = []
     for label, run in runners.items():
         latency = sorted(t * 1e3 for t in _times(lambda r=run: r(x1), repeats))  # type: ignore[misc]
@@ -159,6 +175,19 @@ def benchmark(
         rows.append(Row(label, spread, throughput, 2 * gmacs * throughput, label in reduced))
     bf16 = matmul_peak(torch.bfloat16) if fast.dtype is torch.bfloat16 else None
     return BenchReport(name, size, batch, torch.get_num_threads(), gmacs, matmul_peak(), bf16, rows)
+
+
+def fast_model_name(label: str) -> str:
+    return label.removeprefix("backend ").split(" ")[0]
+
+
+def _backend(net: nn.Module, name: str, example: torch.Tensor) -> tuple[str, Any]:
+    cpu = torch.device("cpu")
+    if name == "auto":
+        run, choice = choose(net, cpu, example)
+        return f"backend {choice.backend} (auto)", run
+    calib = [torch.randn_like(example) for _ in range(4)] if name.endswith("-int8") else []
+    return f"backend {name}", build(net, cpu, name, example, calib)
 
 
 def _onnx_session(net: nn.Module, example: torch.Tensor) -> Any:

@@ -128,7 +128,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     print(
         benchmark(
-            args.model, imgsz=args.imgsz, batch=args.batch, repeats=args.repeats, onnx=args.onnx
+            args.model,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            repeats=args.repeats,
+            onnx=args.onnx,
+            backends=args.backend,
         ).table()
     )
     return 0
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="time ONNX Runtime too (when installed)",
     )
+    p.add_argument("--backend", action="append", default=[], metavar="NAME",
+                   help="also time this backend (auto, openvino, openvino-int8...; repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_benchmark)
 
     cli_tasks.add_commands(sub)
