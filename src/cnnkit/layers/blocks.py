@@ -75,8 +75,9 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(self.conv1(x))
-        return self.act(self.drop_path(out) + self.shortcut(x))
+        out = self.drop_path(self.conv2(self.conv1(x)))
+        out += self.shortcut(x)  # in place: no new tensor per block (the convolution's output is ours)
+        return self.act(out)
 
 
 class Bottleneck(nn.Module):
@@ -107,8 +108,9 @@ class Bottleneck(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
-        return self.act(self.drop_path(out) + self.shortcut(x))
+        out = self.drop_path(self.conv3(self.conv2(self.conv1(x))))
+        out += self.shortcut(x)  # in place, as torchvision: one tensor fewer written per block
+        return self.act(out)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -180,5 +182,6 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
         if self.use_residual:
-            out = self.drop_path(out) + x
+            out = self.drop_path(out)
+            out += x  # in place: the block's output is a new tensor
         return out
