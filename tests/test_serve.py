@@ -285,6 +285,24 @@ def test_a_token_is_required_on_every_request(weights: dict[str, Path]) -> None:
         server.stop()
 
 
+def test_models_served_by_another_backend_answer_alike(server: Server, weights: dict[str, Path]) -> None:
+    """ONNX Runtime behind the same API (any batch the batcher forms): the same classes, near probabilities,
+    the detector's post-processing on the runtime's raw outputs."""
+    chosen = [f"cls={weights['cls']}", f"det={weights['det']}"]
+    other = Server(create_app(load_slots(chosen, backend="onnxruntime"), max_batch=4, max_wait_ms=50))
+    try:
+        body, kind = multipart([(f"{k}.png", png(seed=k)) for k in range(5)])
+        _, ours = other.call("/predict/cls?topk=3", body, kind)
+        _, eager = server.call("/predict/cls?topk=3", body, kind)
+        for a, b in zip(ours["predictions"], eager["predictions"], strict=True):
+            assert a["topk"][0]["class"] == b["topk"][0]["class"]
+            assert a["topk"][0]["prob"] == pytest.approx(b["topk"][0]["prob"], abs=0.03)  # eager runs bf16
+        status, out = other.call("/predict/det?conf=0.0&max_det=3", png(), "image/png")
+        assert status == 200 and len(out["predictions"]) == 3
+    finally:
+        other.stop()
+
+
 def test_two_models_of_one_name_are_refused(weights: dict[str, Path]) -> None:
     with pytest.raises(cnnkit.CnnkitError, match="two models named 'best'"):
         load_slots([str(weights["cls"]), str(weights["det"])])
