@@ -72,3 +72,17 @@ def digits_5_9(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_classification(
         tmp_path_factory.mktemp("digits59"), classes=(5, 6, 7, 8, 9), size_range=(28, 36), copies=1, seed=1
     )
+
+
+def write_every_task(root: Path) -> dict[str, Path]:
+    """A tiny built-in dataset of every task in its usual layout: ``task -> folder``."""
+    from cnnkit.data import builtin
+    from cnnkit.data.scenes import write_scenes
+
+    return {
+        "classify": builtin.write_classification(root / "digits", classes=(0, 1, 2), size_range=(28, 32)),
+        "detect": builtin.write_detection(root / "det", n_train=24, n_val=8, seed=0),
+        "segment": write_scenes(root / "scenes", n_train=12, n_val=4, size=(40, 56)),
+        "localize": builtin.write_localization(root / "boxes", n_train=24, n_val=8, seed=0),
+        "landmarks": builtin.write_landmarks(root / "kites", n_train=24, n_val=8, seed=0),
+    }

@@ -16,12 +16,10 @@ import torch
 
 import cnnkit
 from cnnkit import backends
-from cnnkit.data import builtin
 from cnnkit.data.images import is_image
-from cnnkit.data.scenes import write_scenes
 from cnnkit.errors import CnnkitError
 from cnnkit.workflows.common import Loaded, calibration_batches, load_task_model
-from conftest import CliRun
+from conftest import CliRun, write_every_task
 
 QUICK = {"epochs": 1, "workers": 0, "quiet": True, "batch": 8, "plots": False}
 TINY = {"backbone_args": {"width": 0.125}, "imgsz": 32}
@@ -39,13 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tupl
 
 
 def _train_each_task(root: Path) -> dict[str, tuple[Path, Path]]:
-    data = {
-        "classify": builtin.write_classification(root / "digits", classes=(0, 1, 2), size_range=(28, 32)),
-        "detect": builtin.write_detection(root / "det", n_train=16, n_val=8, seed=0),
-        "segment": write_scenes(root / "scenes", n_train=8, n_val=4, size=(32, 48)),
-        "localize": builtin.write_localization(root / "boxes", n_train=16, n_val=8, seed=0),
-        "landmarks": builtin.write_landmarks(root / "kites", n_train=16, n_val=8, seed=0),
-    }
+    data = write_every_task(root)
     args: dict[str, dict[str, Any]] = {
         "classify": {"model": "resnet18", "model_args": {"width": 0.125}, "imgsz": 32, "epochs": 3},
         "detect": {**TINY, "imgsz": 64},

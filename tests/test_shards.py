@@ -29,14 +29,13 @@ import yaml
 from torch.utils.data import DataLoader
 
 import cnnkit
-from cnnkit.data import builtin
-from cnnkit.data.scenes import write_scenes
 from cnnkit.engine import Callback
 from cnnkit.engine.config import TrainConfig, config_from_dict
 from cnnkit.errors import DataError
 from cnnkit.workflows import run
 from cnnkit.workflows.check import check
 from cnnkit.workflows.spec import get_task
+from conftest import write_every_task
 
 wds = pytest.importorskip("webdataset")
 from cnnkit.data.shard_stream import ShardStream  # noqa: E402
@@ -53,13 +52,7 @@ BACKBONE = {"backbone_args": {"width": 0.125}, "imgsz": 64}
 def packed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """A tiny dataset of every task in its usual layout, and its shards (several per split)."""
     root = tmp_path_factory.mktemp("shards")
-    data = {
-        "classify": builtin.write_classification(root / "digits", classes=(0, 1, 2), size_range=(28, 32)),
-        "detect": builtin.write_detection(root / "det", n_train=24, n_val=8, seed=0),
-        "segment": write_scenes(root / "scenes", n_train=12, n_val=4, size=(40, 56)),
-        "localize": builtin.write_localization(root / "boxes", n_train=24, n_val=8, seed=0),
-        "landmarks": builtin.write_landmarks(root / "kites", n_train=24, n_val=8, seed=0),
-    }
+    data = write_every_task(root)
     return {
         task: (src, pack_data(task, src, root / f"{task}_shards", shard_size="40KB", progress=False))
         for task, src in data.items()

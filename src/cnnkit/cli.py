@@ -126,16 +126,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(
-        benchmark(
-            args.model,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            repeats=args.repeats,
-            onnx=args.onnx,
-            backends=args.backend,
-        ).table()
-    )
+    report = benchmark(args.model, imgsz=args.imgsz, batch=args.batch, repeats=args.repeats, onnx=args.onnx,
+                       backends=args.backend)  # fmt: skip
+    print(report.table())
     return 0
 
 
