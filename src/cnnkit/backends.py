@@ -102,12 +102,22 @@ def cache_root() -> Path:
 
 
 def model_digest(model: nn.Module) -> str:
-    """A digest of the model's class, parameters and buffers: what its exported graph depends on."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
+    """A digest of what the model's exported graph depends on: each module's class and plain settings
+    (strides, a test-time augmentation's scales...), and every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        settings = {k: v for k, v in vars(module).items() if not k.startswith("_") and _plain(v)}
+        h.update(f"{name} {type(module).__qualname__} {sorted(settings.items())}".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def onnx_graph(model: nn.Module, example: torch.Tensor, digest: str | None = None) -> Path:
