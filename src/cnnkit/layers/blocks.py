@@ -75,9 +75,8 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.drop_path(self.conv2(self.conv1(x)))
-        out += self.shortcut(x)  # in place: no new tensor per block (the convolution's output is ours)
-        return self.act(out)
+        out = self.conv2(self.conv1(x))
+        return self.act(self.drop_path(out) + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -108,9 +107,8 @@ class Bottleneck(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.drop_path(self.conv3(self.conv2(self.conv1(x))))
-        out += self.shortcut(x)  # in place, as torchvision: one tensor fewer written per block
-        return self.act(out)
+        out = self.conv3(self.conv2(self.conv1(x)))
+        return self.act(self.drop_path(out) + self.shortcut(x))
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -182,6 +180,5 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
         if self.use_residual:
-            out = self.drop_path(out)
-            out += x  # in place: the block's output is a new tensor
+            out = self.drop_path(out) + x
         return out
