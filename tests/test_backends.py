@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,18 @@ def test_backend_flag_on_the_command_line(trained: dict[str, tuple[Path, Path]],
     bad = cnnkit_cli("predict", "segment", str(image), "--weights", str(weights), "--backend", "nope",
                      cwd=tmp_path, ok=False)  # fmt: skip
     assert bad.returncode != 0 and "openvino" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_calibration_takes_images_not_masks(trained: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """Images of the data, masks left out, even below a folder of the user's own named like masks."""
+    weights, source = trained["segment"]
+    _, meta = load_task_model(weights, "segment")
+    copy = tmp_path / "gt" / "scenes"  # 'gt' is a mask-folder name; here it is the user's own folder
+    shutil.copytree(source, copy)
+    images = [p for p in (copy / "images").rglob("*") if is_image(p)]
+    batches = calibration_batches(copy, meta, count=1000, batch=5)
+    assert sum(len(b) for b in batches) == len(images) and all(len(b) <= 5 for b in batches)
+    assert batches[0].shape[1:] == (3, meta["imgsz"], meta["imgsz"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CnnkitError, match="no images to calibrate"):
+        calibration_batches(tmp_path / "empty", meta)

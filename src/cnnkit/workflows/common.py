@@ -191,7 +191,11 @@ def calibration_batches(
     from cnnkit.data.formats.masks import MASK_DIRS
     from cnnkit.data.images import iter_images, read_image
 
-    paths = [p for p in iter_images([source]) if not {d.lower() for d in p.parts[:-1]} & set(MASK_DIRS)]
+    def in_mask_folder(path: Path) -> bool:  # below source: a folder of the user's own path may be "gt"
+        inner = path.relative_to(source) if path.is_relative_to(source) else Path(path.name)
+        return bool({d.lower() for d in inner.parts[:-1]} & set(MASK_DIRS))
+
+    paths = [p for p in iter_images([source]) if not in_mask_folder(p)]
     if not paths:
         raise DataError(f"{source}: no images to calibrate int8 on (give training images: --calib DATA)")
     random.Random(0).shuffle(paths)
