@@ -154,7 +154,7 @@ class ShardStream(IterableDataset[Any]):
             nonlocal produced
             j = rng.randrange(len(buffer)) if self.shuffle else 0
             try:
-                item = dataset[j]  # an unreadable image is logged (shard folder, key) and replaced
+                item = dataset[j]  # an unreadable image is logged (shard, key) and replaced
                 produced += 1
             except DataError:  # nothing in the buffer decodes: this one leaves it, another is read
                 item = _FAILED
