@@ -162,9 +162,9 @@ def benchmark(
         if session is not None:
             runners["onnxruntime"] = lambda x: session.run(None, {"images": x.numpy()})
     for backend in backends:
-        label, fast_model = _backend(net, backend, xb)
+        label, ran_by, fast_model = _backend(net, backend, xb)
         runners[label] = fast_model
-        if precision(fast_model_name(label), cpu) == "reduced":
+        if precision(ran_by, cpu) == "reduced":
             reduced.add(label)
     rows = []
     for label, run in runners.items():
@@ -177,17 +177,14 @@ def benchmark(
     return BenchReport(name, size, batch, torch.get_num_threads(), gmacs, matmul_peak(), bf16, rows)
 
 
-def fast_model_name(label: str) -> str:
-    return label.removeprefix("backend ").split(" ")[0]
-
-
-def _backend(net: nn.Module, name: str, example: torch.Tensor) -> tuple[str, Any]:
+def _backend(net: nn.Module, name: str, example: torch.Tensor) -> tuple[str, str, Any]:
+    """``(row label, the backend that runs it, the prepared model)``: ``auto`` names its choice."""
     cpu = torch.device("cpu")
     if name == "auto":
         run, choice = choose(net, cpu, example)
-        return f"backend {choice.backend} (auto)", run
+        return f"backend {choice.backend} (auto)", choice.backend, run
     calib = [torch.randn_like(example) for _ in range(4)] if name.endswith("-int8") else []
-    return f"backend {name}", build(net, cpu, name, example, calib)
+    return f"backend {name}", name, build(net, cpu, name, example, calib)
 
 
 def _onnx_session(net: nn.Module, example: torch.Tensor) -> Any:
